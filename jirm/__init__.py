@@ -1,0 +1,22 @@
+"""jirm: Invariant Risk Minimization in JAX.
+
+Compose objectives from pure terms and train them with a jitted step::
+
+    import jirm
+    sched = jirm.schedules.preset('irm', weight=91257.19, anneal=190)
+    objective = jirm.erm + 0.0011 * jirm.l2 + sched * jirm.irmv1
+"""
+
+from jirm import data
+from jirm import methods
+from jirm import models
+from jirm import objectives
+from jirm import schedules
+from jirm import train
+from jirm.objectives import (Objective, Outputs, Term, bayesian_irm, env_risks,
+                             erm, irm_tv_l1, irm_tv_l2, irmv1, l2, mm_rex, rvp,
+                             vrex)
+from jirm.schedules import PenaltySchedule
+from jirm.train import fit
+
+__version__ = "0.1.0"

@@ -1,0 +1,49 @@
+"""Flax models used by the IRM studies.
+
+``MLP`` is the ColoredMNIST network of Arjovsky et al. (2019): flatten ->
+Dense(H) -> ReLU -> Dense(H) -> ReLU -> Dense(out), Xavier-uniform weights,
+zero biases. The oracle variant is the same MLP on grayscale inputs (the
+data builder drops the colour), e.g. 196 -> H -> H -> 1.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+_dense = functools.partial(nn.Dense, kernel_init=nn.initializers.xavier_uniform(),
+                           bias_init=nn.initializers.zeros)
+
+
+class MLP(nn.Module):
+  """Multi-layer perceptron on flattened inputs.
+
+  Attributes:
+    hidden: widths of the hidden layers, e.g. ``(390, 390)``.
+    out: output width (1 for binary tasks, 10 for 10 classes).
+
+  Example:
+    >>> model = MLP(hidden=(390, 390))
+    >>> params = model.init(jax.random.key(0), jnp.zeros((1, 14, 14, 2)))
+  """
+
+  hidden: Sequence[int] = (390, 390)
+  out: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    h = x.reshape((x.shape[0], -1)).astype(jnp.float32)
+    for i, width in enumerate(self.hidden):
+      h = nn.relu(_dense(width, name=f"hidden_{i}")(h))
+    return _dense(self.out, name="head")(h)
+
+
+def mlp(hidden_dim: int = 390, depth: int = 2, out: int = 1) -> MLP:
+  """IRM's MLP with ``depth`` hidden layers of width ``hidden_dim``."""
+  if hidden_dim < 1 or depth < 1:
+    raise ValueError(f"hidden_dim={hidden_dim!r}, depth={depth!r}: both must "
+                     f"be >= 1.")
+  return MLP(hidden=(int(hidden_dim),) * int(depth), out=int(out))

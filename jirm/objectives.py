@@ -1,0 +1,410 @@
+"""Composable IRM objectives: ERM plus weighted invariance penalties.
+
+A :class:`Term` is a pure function of the per-environment model outputs
+(:class:`Outputs`). Terms compose with ``+`` and scale with floats, optax
+schedules or :class:`jirm.schedules.PenaltySchedule` presets::
+
+    objective = jirm.erm + 1e-3 * jirm.l2 + sched * jirm.irmv1(variant='split')
+    total, aux = objective(outputs, step)    # aux: every term and weight
+
+Penalties follow the anchors of SPEC §2; each docstring gives its formula.
+One forward pass covers all environments; risks are reduced per environment
+with masks (padding rows carry ``valid = 0``), so every term works on the
+global per-environment risk, also when the batch is sharded over devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class Outputs(NamedTuple):
+  """Everything a term may read.
+
+  Attributes:
+    logits: ``[E, B, C]`` model outputs (C = 1 for binary / regression).
+    labels: ``[E, B]`` targets.
+    valid: ``[E, B]`` float, 1 for real samples, 0 for padding.
+    params: model parameters (for weight penalties).
+    rng: PRNG key for stochastic terms.
+    task: ``'binary'``, ``'multiclass'`` or ``'regression'`` (static).
+  """
+
+  logits: jax.Array
+  labels: jax.Array
+  valid: jax.Array
+  params: Any = None
+  rng: Optional[jax.Array] = None
+  task: str = "binary"
+
+
+def sample_losses(logits_EBC, labels_EB, task: str = "binary"):
+  """Per-sample loss ``[E, B]``: sigmoid BCE, softmax CE or squared error."""
+  if task == "binary":
+    return optax.sigmoid_binary_cross_entropy(
+        logits_EBC[..., 0], labels_EB.astype(logits_EBC.dtype))
+  if task == "multiclass":
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits_EBC, labels_EB.astype(jnp.int32))
+  if task == "regression":
+    return (logits_EBC[..., 0] - labels_EB) ** 2
+  raise ValueError(f"task={task!r}: use 'binary', 'multiclass' or "
+                   f"'regression'.")
+
+
+def _masked_mean(v_EB, w_EB, axis=-1):
+  return (v_EB * w_EB).sum(axis) / jnp.maximum(w_EB.sum(axis), 1.0)
+
+
+def env_risks(out: Outputs, scale_E=None):
+  """Per-environment mean loss ``R_e`` ``[E]``, logits scaled by ``scale_E``."""
+  logits = out.logits if scale_E is None else (
+      out.logits * scale_E[:, None, None])
+  return _masked_mean(sample_losses(logits, out.labels, out.task), out.valid)
+
+
+def accuracy(logits_EBC, labels_EB, valid_EB, task: str = "binary"):
+  """Per-environment accuracy ``[E]`` (negative MSE for regression)."""
+  if task == "binary":
+    correct = (logits_EBC[..., 0] > 0) == (labels_EB > 0.5)
+  elif task == "multiclass":
+    correct = logits_EBC.argmax(-1) == labels_EB
+  else:
+    return -_masked_mean((logits_EBC[..., 0] - labels_EB) ** 2, valid_EB)
+  return _masked_mean(correct.astype(jnp.float32), valid_EB)
+
+
+def _halves(out: Outputs, rng=None):
+  """Splits each env's batch into even/odd halves (after a permutation)."""
+  logits, labels, valid = out.logits, out.labels, out.valid
+  if rng is not None:
+    keys = jax.random.split(rng, logits.shape[0])
+    perm = jax.vmap(lambda k: jax.random.permutation(k, logits.shape[1]))(keys)
+    take = lambda a: jnp.take_along_axis(
+        a, perm.reshape(perm.shape + (1,) * (a.ndim - 2)), axis=1)
+    logits, labels, valid = take(logits), take(labels), take(valid)
+  half = lambda a, i: a[:, i::2]
+  return tuple(out._replace(logits=half(logits, i), labels=half(labels, i),
+                            valid=half(valid, i)) for i in (0, 1))
+
+
+def _scale_grad(out: Outputs, scale0_E=None):
+  """``dR_e/dw_e`` at ``w = scale0`` (default 1) for every env, ``[E]``."""
+  num_envs = out.logits.shape[0]
+  w = jnp.ones((num_envs,), out.logits.dtype) if scale0_E is None else scale0_E
+  return jax.grad(lambda s: env_risks(out, s).sum())(w)
+
+
+def _pooled_scale_grad(out: Outputs, scale_E):
+  """SparseIRM/BIRM form: grad of ``E * pooled_mean_nll`` w.r.t. env scales."""
+  num_envs = out.logits.shape[0]
+
+  def pooled(s):
+    losses = sample_losses(out.logits * s[:, None, None], out.labels, out.task)
+    return num_envs * (losses * out.valid).sum() / jnp.maximum(
+        out.valid.sum(), 1.0)
+
+  return jax.grad(pooled)(scale_E)
+
+
+# ----------------------------------------------------------------------------
+# Penalty implementations: f(out, **options) -> scalar.
+
+
+def _erm(out: Outputs, reduction: str = "mean"):
+  """ERM. ``mean``: mean_e R_e (IRM, SIRM); ``pooled``: mean over all samples
+  (DomainBed, IRMBed); ``sum``: sum_e R_e (REx's release)."""
+  if reduction == "mean":
+    return env_risks(out).mean()
+  if reduction == "sum":
+    return env_risks(out).sum()
+  if reduction == "pooled":
+    losses = sample_losses(out.logits, out.labels, out.task)
+    return (losses * out.valid).sum() / jnp.maximum(out.valid.sum(), 1.0)
+  raise ValueError(f"erm reduction={reduction!r}: use 'mean', 'pooled' or "
+                   f"'sum'.")
+
+
+def _l2(out: Outputs):
+  """Sum of squares of all parameters (biases included), as IRM/REx/BIRM."""
+  if out.params is None:
+    raise ValueError("the l2 term needs Outputs.params; pass params=... .")
+  return sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(out.params))
+
+
+def _irmv1(out: Outputs, variant: str = "full"):
+  """IRMv1 on the output (Arjovsky et al. 2019): dummy scale w = 1 on logits.
+
+  * ``full`` (IRM): mean_e (dR_e/dw)^2.
+  * ``split`` (DomainBed): mean_e g_e^even * g_e^odd from the two halves of
+    each env's batch (unbiased for minibatches).
+  * ``split_perm`` (IRMBed): the same after a random permutation of each env,
+    summed over envs.
+  * ``env_scale`` (SparseIRM, BIRM): one scale per env on pooled logits;
+    mean_e (d E*pooled_nll / dw_e)^2, equal to ``full`` for balanced envs.
+  """
+  if variant == "full":
+    return jnp.mean(_scale_grad(out) ** 2)
+  if variant in ("split", "split_perm"):
+    if variant == "split_perm" and out.rng is None:
+      raise ValueError("irmv1(variant='split_perm') needs Outputs.rng.")
+    first, second = _halves(out, out.rng if variant == "split_perm" else None)
+    prod = _scale_grad(first) * _scale_grad(second)
+    return prod.mean() if variant == "split" else prod.sum()
+  if variant == "env_scale":
+    ones = jnp.ones((out.logits.shape[0],), out.logits.dtype)
+    return jnp.mean(_pooled_scale_grad(out, ones) ** 2)
+  raise ValueError(f"irmv1 variant={variant!r}: use 'full', 'split', "
+                   f"'split_perm' or 'env_scale'.")
+
+
+def _vrex(out: Outputs, variant: str = "var"):
+  """V-REx (Krueger et al. 2021). ``var``: population variance of (R_e)
+  (DomainBed, IRMBed, SIRM); ``diff_sq``: (R_1 - R_2)^2 = 4 Var (REx's
+  two-env release)."""
+  risks = env_risks(out)
+  if variant == "var":
+    return jnp.var(risks)
+  if variant == "diff_sq":
+    if risks.shape[0] != 2:
+      raise ValueError(f"vrex(variant='diff_sq') needs exactly 2 envs, got "
+                       f"{risks.shape[0]}; use variant='var'.")
+    return (risks[0] - risks[1]) ** 2
+  raise ValueError(f"vrex variant={variant!r}: use 'var' or 'diff_sq'.")
+
+
+def _mm_rex(out: Outputs):
+  """MM-REx penalty (Krueger et al. 2021): |R_1 - R_2|; max_e R_e - min_e R_e
+  for more than two envs."""
+  risks = env_risks(out)
+  return risks.max() - risks.min()
+
+
+def safe_sqrt(x):
+  """sqrt with a finite (zero) gradient at 0."""
+  pos = x > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
+def _rvp(out: Outputs):
+  """RVP (IRMBed): sqrt of the population variance of the env risks."""
+  return safe_sqrt(jnp.var(env_risks(out)))
+
+
+def _tv_grads(out: Outputs):
+  """IRM-TV: g_e = d/ds [sum_{i in e} loss(s f(x_i)) / N], N = whole batch."""
+  total = jnp.maximum(out.valid.sum(), 1.0)
+
+  def risk_sum(s):
+    losses = sample_losses(out.logits * s[:, None, None], out.labels, out.task)
+    return (losses * out.valid).sum() / total
+
+  return jax.grad(risk_sum)(jnp.ones((out.logits.shape[0],),
+                                     out.logits.dtype))
+
+
+def _irm_tv_l1(out: Outputs, form: str = "multi_env"):
+  """IRM-TV-l1 (Lai & Wang, ICML 2024): (sum_e |g_e|)^2 with
+  g_e = d/ds [sum_{i in e} loss_i / N]; IRMv1 is its TV-l2 analogue.
+
+  ``two_env`` is the two-environment release (same formula, checks E = 2),
+  ``multi_env`` any E, ``minibatch`` (sum_e sqrt|g_e^even g_e^odd|)^2 from the
+  halves of each env's batch.
+  """
+  if form in ("two_env", "multi_env"):
+    if form == "two_env" and out.logits.shape[0] != 2:
+      raise ValueError(f"irm_tv_l1(form='two_env') needs 2 envs, got "
+                       f"{out.logits.shape[0]}; use form='multi_env'.")
+    return jnp.sum(jnp.abs(_tv_grads(out))) ** 2
+  if form == "minibatch":
+    first, second = _halves(out)
+    # Normalise each half by its share of the whole batch, as in the release.
+    g1, g2 = _tv_grads(first), _tv_grads(second)
+    return jnp.sum(safe_sqrt(jnp.abs(g1 * g2))) ** 2
+  raise ValueError(f"irm_tv_l1 form={form!r}: use 'two_env', 'multi_env' or "
+                   f"'minibatch'.")
+
+
+def _irm_tv_l2(out: Outputs):
+  """IRMv1 in the TV framework: sum_e g_e^2 (g_e as in irm_tv_l1)."""
+  return jnp.sum(_tv_grads(out) ** 2)
+
+
+def _bayesian_irm(out: Outputs, prior_sd_coef: float = 1200.0,
+                  data_num: Optional[int] = None, num_draws: int = 10,
+                  split: bool = False):
+  """BayesianIRM (Lin et al. CVPR 2022), as released.
+
+  Draw per-env scales w_e ~ N(1, sigma), sigma = prior_sd_coef / data_num
+  (data_num defaults to the number of valid samples in the batch); penalty =
+  mean over ``num_draws`` draws of mean_e (d E*pooled_nll / dw_e)^2; with
+  ``split`` the product of the two half-batch gradients (minibatch form).
+  """
+  if out.rng is None:
+    raise ValueError("bayesian_irm needs Outputs.rng.")
+  num_envs = out.logits.shape[0]
+  n = out.valid.sum() if data_num is None else float(data_num)
+  sigma = prior_sd_coef / n
+  keys = jax.random.split(out.rng, num_draws)
+
+  def one(key):
+    w = 1.0 + sigma * jax.random.normal(key, (num_envs,), out.logits.dtype)
+    if split:
+      first, second = _halves(out)
+      return jnp.mean(_pooled_scale_grad(first, w) *
+                      _pooled_scale_grad(second, w))
+    return jnp.mean(_pooled_scale_grad(out, w) ** 2)
+
+  return jnp.mean(jax.vmap(one)(keys))
+
+
+# ----------------------------------------------------------------------------
+# Terms and composition.
+
+Weight = Union[float, Callable[[jax.Array], jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """A named pure function of :class:`Outputs`; compose with ``+`` and ``*``.
+
+  Calling a term with keyword options returns a configured copy
+  (``jirm.irmv1(variant='split')``); :meth:`value` evaluates it.
+  """
+
+  name: str
+  impl: Callable[..., jax.Array]
+  options: tuple = ()
+
+  def __call__(self, **options) -> "Term":
+    allowed = [p for p in inspect.signature(self.impl).parameters
+               if p != "out"]
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+      raise TypeError(f"{self.name} has no option(s) {bad}; options are "
+                      f"{allowed}.")
+    merged = dict(self.options)
+    merged.update(options)
+    return dataclasses.replace(self, options=tuple(sorted(merged.items())))
+
+  def value(self, out: Outputs) -> jax.Array:
+    return self.impl(out, **dict(self.options))
+
+  def describe(self) -> str:
+    opts = ",".join(f"{k}={v}" for k, v in self.options)
+    return f"{self.name}({opts})" if opts else self.name
+
+  def __add__(self, other):
+    return Objective(((1.0, self),)) + other
+
+  __radd__ = lambda self, other: other + Objective(((1.0, self),))
+
+  def __mul__(self, weight):
+    return Objective(((weight, self),))
+
+  __rmul__ = __mul__
+
+
+def _weight_value(weight: Weight, step):
+  return jnp.asarray(weight(step) if callable(weight) else weight, jnp.float32)
+
+
+def _product(a: Weight, b: Weight) -> Weight:
+  if not callable(a) and not callable(b):
+    return a * b
+  if callable(a) and callable(b):
+    raise ValueError("cannot multiply two scheduled weights; fold them into "
+                     "one schedule.")
+  sched, scalar = (a, b) if callable(a) else (b, a)
+  if getattr(sched, "rescale", "none") != "none":
+    raise ValueError("scaling a PenaltySchedule by a constant would change "
+                     "its loss rescaling; pass weight=... to the preset.")
+  return lambda step: scalar * sched(step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A weighted sum of terms, with an optional anchor-specific rescaling.
+
+  If a weight is a :class:`jirm.schedules.PenaltySchedule`, its ``rescale``
+  rule (e.g. IRM's "divide the loss by lambda when lambda > 1") applies to
+  the whole total, L2 included, as in the anchors.
+  """
+
+  terms: tuple
+
+  def __add__(self, other):
+    if isinstance(other, Term):
+      other = Objective(((1.0, other),))
+    if not isinstance(other, Objective):
+      return NotImplemented
+    return Objective(self.terms + other.terms)
+
+  def __mul__(self, weight):
+    return Objective(tuple((_product(weight, w), t) for w, t in self.terms))
+
+  __rmul__ = __mul__
+
+  @property
+  def names(self) -> tuple:
+    seen, names = {}, []
+    for _, term in self.terms:
+      seen[term.name] = seen.get(term.name, 0) + 1
+      names.append(term.name if seen[term.name] == 1 else
+                   f"{term.name}_{seen[term.name]}")
+    return tuple(names)
+
+  def schedule(self):
+    """The single PenaltySchedule among the weights, or None."""
+    scheds = {id(w): w for w, _ in self.terms
+              if getattr(w, "rescale", None) is not None}
+    if len(scheds) > 1:
+      raise ValueError("an objective may hold one PenaltySchedule; share it "
+                       "between penalties.")
+    return next(iter(scheds.values()), None)
+
+  def __call__(self, out: Outputs, step=0):
+    """Returns ``(total, aux)``; aux maps ``term/<name>`` and ``weight/<name>``
+    to values and ``rescale`` to the divisor applied to the total."""
+    total, aux = 0.0, {}
+    for name, (weight, term) in zip(self.names, self.terms):
+      w = _weight_value(weight, step)
+      v = term.value(out)
+      aux[f"term/{name}"] = v
+      aux[f"weight/{name}"] = w
+      total = total + w * v
+    sched = self.schedule()
+    divisor = (jnp.float32(1.0) if sched is None else
+               sched.divisor(jnp.asarray(sched(step), jnp.float32)))
+    aux["rescale"] = divisor
+    total = total / divisor
+    aux["total"] = total
+    return total, aux
+
+  def describe(self) -> str:
+    parts = []
+    for weight, term in self.terms:
+      w = getattr(weight, "name", None) or (
+          "schedule" if callable(weight) else f"{weight:g}")
+      parts.append(term.describe() if w == "1" else f"{w}*{term.describe()}")
+    return " + ".join(parts)
+
+
+erm = Term("erm", _erm)
+l2 = Term("l2", _l2)
+irmv1 = Term("irmv1", _irmv1)
+vrex = Term("vrex", _vrex)
+mm_rex = Term("mm_rex", _mm_rex)
+rvp = Term("rvp", _rvp)
+irm_tv_l1 = Term("irm_tv_l1", _irm_tv_l1)
+irm_tv_l2 = Term("irm_tv_l2", _irm_tv_l2)
+bayesian_irm = Term("bayesian_irm", _bayesian_irm)
+
+TERMS = {t.name: t for t in (erm, l2, irmv1, vrex, mm_rex, rvp, irm_tv_l1,
+                             irm_tv_l2, bayesian_irm)}

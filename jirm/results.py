@@ -1,0 +1,102 @@
+"""Results files: atomic JSONL records, mean ± std summaries and curves."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import tempfile
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+def atomic_write(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` via a temporary file and ``os.replace``."""
+  path = os.path.abspath(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def read_jsonl(path: str) -> list:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def append_jsonl(path: str, records: Iterable[dict]) -> None:
+  """Appends records by atomically rewriting the file (never half-written)."""
+  rows = read_jsonl(path) + list(records)
+  atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n"
+                             for r in rows))
+
+
+def _pct(values: Sequence[float]) -> str:
+  v = 100 * np.asarray(values, float)
+  return f"{v.mean():.1f} ± {v.std():.1f}"
+
+
+def summary_table(records: Sequence[dict], published: dict | None = None,
+                  title: str = "") -> str:
+  """Markdown table: mean ± std (percent) of train/test acc per method and
+  selection rule; ``published`` maps method -> text shown beside it."""
+  groups = collections.OrderedDict()
+  for r in records:
+    groups.setdefault((r["method"], r["preset"], r["selection"]), []).append(r)
+  lines = [f"# {title}" if title else "", "",
+           "| method | preset | selection | restarts | train acc | test acc |"
+           " published (train / test) | wall s / restart |",
+           "|---|---|---|---|---|---|---|---|"]
+  for (method, preset, sel), rs in groups.items():
+    pub = (published or {}).get(method, "") if sel == "last" else ""
+    lines.append(
+        f"| {method} | {preset} | {sel} | {len(rs)} | "
+        f"{_pct([r['train_acc'] for r in rs])} | "
+        f"{_pct([r['test_acc'] for r in rs])} | {pub} | "
+        f"{np.mean([r['wall_s'] for r in rs]):.0f} |")
+  lines += ["", "Accuracies in percent, mean ± std (population) over restarts. "
+            "`last`: final step; `train_domain_val`: step with the best "
+            "accuracy on held-out samples of the training domains; `oracle`: "
+            "best test-env accuracy (optimistic, for reference only)."]
+  return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def plot_curves(records: Sequence[dict], path: str, title: str = "") -> None:
+  """train/test accuracy against step, mean over restarts, one colour per
+  method (records with a ``curve`` field, selection ``last``)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  by_method = collections.OrderedDict()
+  for r in records:
+    if r["selection"] == "last" and "curve" in r:
+      by_method.setdefault(r["method"], []).append(r["curve"])
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for i, (method, curves) in enumerate(by_method.items()):
+    n = min(len(c["step"]) for c in curves)
+    step = np.asarray(curves[0]["step"][:n])
+    color = f"C{i % 10}"
+    for key, style in (("train_acc", ":"), ("test_acc", "-")):
+      val = np.mean([c[key][:n] for c in curves], 0)
+      ax.plot(step, 100 * val, style, color=color,
+              label=f"{method} {key.split('_')[0]}")
+  ax.set_xlabel("step")
+  ax.set_ylabel("accuracy (%)")
+  ax.set_ylim(0, 100)
+  ax.set_title(title or "train (dotted) / test (solid) accuracy")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                     ".tmp-" + os.path.basename(path))
+  fig.savefig(tmp, dpi=120, format="png")
+  plt.close(fig)
+  os.replace(tmp, path)
