@@ -1,0 +1,70 @@
+"""End-to-end: the ColoredMNIST experiment with a shrunk config."""
+
+import json
+import os
+
+import pytest
+
+from experiments import colored_mnist
+from experiments.configs import colored_mnist as configs
+from jirm import results as results_lib
+
+
+def test_quick_run_writes_results_summary_and_curves(tmp_path,
+                                                     synthetic_mnist):
+  out = str(tmp_path / "run")
+  colored_mnist.run(("erm", "irmv1"), "quick", restarts=2, seed=0,
+                    output_dir=out, overrides=["steps=6", "eval_every=3"],
+                    progress=False, mnist=synthetic_mnist)
+  records = results_lib.read_jsonl(os.path.join(out, "results.jsonl"))
+  assert len(records) == 2 * 2 * 3  # methods x restarts x selection rules
+  for r in records:
+    for key in ("method", "preset", "seed", "selection", "train_acc",
+                "test_acc", "env_acc", "config", "wall_s", "objective",
+                "data"):
+      assert key in r, key
+    assert 0.0 <= r["test_acc"] <= 1.0
+    assert r["config"]["steps"] == 6
+  assert {r["selection"] for r in records} == {"last", "train_domain_val",
+                                               "oracle"}
+  irm = [r for r in records if r["method"] == "irmv1"][0]
+  assert "irmv1(variant=full)" in irm["objective"]
+  summary = open(os.path.join(out, "summary.md")).read()
+  assert "| irmv1 | quick | last | 2 |" in summary
+  assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
+
+  # Re-running skips finished restarts (resume) and adds the missing one.
+  colored_mnist.run(("erm",), "quick", restarts=3, seed=0, output_dir=out,
+                    overrides=["steps=6", "eval_every=3"], progress=False,
+                    mnist=synthetic_mnist)
+  records = results_lib.read_jsonl(os.path.join(out, "results.jsonl"))
+  assert len(records) == 2 * 2 * 3 + 3
+
+
+def test_every_method_has_a_paper_config():
+  for method in colored_mnist.METHODS_ALL:
+    c = configs.get_config(method, "paper")
+    assert c.steps > 0 and c.lr > 0
+  irm = configs.get_config("irmv1", "paper")
+  assert irm.hidden_dim == 390 and irm.anneal == 190
+  assert irm.penalty_weight == pytest.approx(91257.18613115903)
+
+
+def test_overrides_and_bad_values():
+  c = colored_mnist._apply_overrides(
+      configs.get_config("erm", "quick"),
+      ["lr=0.5", "data.data_num=123"])
+  assert c.lr == 0.5 and c.data.data_num == 123
+  with pytest.raises(ValueError, match="expected key=value"):
+    colored_mnist._apply_overrides(configs.get_config("erm", "quick"),
+                                   ["lr"])
+  with pytest.raises(ValueError, match="unknown preset"):
+    configs.get_config("erm", "huge")
+
+
+def test_results_are_written_atomically(tmp_path):
+  path = str(tmp_path / "r.jsonl")
+  results_lib.append_jsonl(path, [{"a": 1}])
+  results_lib.append_jsonl(path, [{"a": 2}])
+  assert [json.loads(l)["a"] for l in open(path)] == [1, 2]
+  assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]

@@ -1,0 +1,40 @@
+"""Real-data smoke test on the prepared tfds MNIST (skipped without it)."""
+
+import os
+
+import numpy as np
+import optax
+import pytest
+
+import jirm
+
+from conftest import SHARED_TFDS
+
+
+def _data_dir():
+  for d in (os.environ.get("TFDS_DATA_DIR"), SHARED_TFDS):
+    if d and os.path.isdir(os.path.join(d, "mnist")):
+      return d
+  return None
+
+
+@pytest.mark.skipif(_data_dir() is None, reason="no prepared tfds mnist")
+def test_short_irmv1_beats_erm_on_the_test_env():
+  splits = jirm.data.colored_mnist(seed=0, data_num=10_000, val="none",
+                                   data_dir=_data_dir())
+  assert splits.train.x.shape == (2, 5000, 14, 14, 2)
+  # Configured correlations on real data.
+  assert abs(splits.train.agree[0].mean() - 0.8) < 0.03
+  assert abs(splits.test.agree.mean() - 0.1) < 0.01
+
+  def run(obj):
+    return jirm.fit(splits, model=jirm.models.mlp(64), objective=obj,
+                    optimizer=optax.adam(1e-3), steps=200, seed=0,
+                    eval_every=200).selections["last"]
+
+  sched = jirm.schedules.preset("irm", weight=1e4, anneal=60)
+  erm = run(jirm.erm + 1e-3 * jirm.l2)
+  irm = run(jirm.erm + 1e-3 * jirm.l2 + sched * jirm.irmv1)
+  assert erm["test_acc"] < 0.35, erm
+  assert irm["test_acc"] > erm["test_acc"] + 0.2, (irm, erm)
+  assert np.isfinite(irm["train_acc"])
