@@ -63,10 +63,18 @@ def _masked_mean(v_EB, w_EB, axis=-1):
 
 
 def env_risks(out: Outputs, scale_E=None):
-  """Per-environment mean loss ``R_e`` ``[E]``, logits scaled by ``scale_E``."""
-  logits = out.logits if scale_E is None else (
-      out.logits * scale_E[:, None, None])
-  return _masked_mean(sample_losses(logits, out.labels, out.task), out.valid)
+  """Per-environment mean loss ``R_e`` ``[E]``, logits scaled by ``scale_E``.
+
+  vmapped over the env axis; padding rows (``valid = 0``) are ignored.
+  """
+  if scale_E is None:
+    scale_E = jnp.ones((out.logits.shape[0],), out.logits.dtype)
+
+  def risk(logits_BC, labels_B, valid_B, scale):
+    losses_B = sample_losses(scale * logits_BC, labels_B, out.task)
+    return _masked_mean(losses_B, valid_B)
+
+  return jax.vmap(risk)(out.logits, out.labels, out.valid, scale_E)
 
 
 def accuracy(logits_EBC, labels_EB, valid_EB, task: str = "binary"):
