@@ -7,11 +7,15 @@ Writes to ``--output_dir``: ``results.jsonl`` (one line per restart and
 selection rule, with the full config, seed and wall time), ``summary.md``
 (mean ± std per method and rule, published numbers beside) and
 ``curves.png``. Restarts already present in ``results.jsonl`` (same method,
-preset and seed) are skipped, so an interrupted run resumes.
+preset and seed) are skipped, and an interrupted restart resumes from its
+orbax checkpoint in ``--output_dir/checkpoints`` (deleted once the restart's
+record is written).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
 
@@ -85,7 +89,8 @@ def build_run(config, data_dir=None, seed=0, mnist=None):
   return splits, model, objective, optax.adam(config.lr)
 
 
-def run_restart(config, seed, data_dir=None, progress=False, mnist=None):
+def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
+                checkpoint_dir=None):
   """Trains one restart; returns one record per selection rule."""
   t0 = time.time()
   splits, model, objective, optimizer = build_run(config, data_dir, seed,
@@ -94,7 +99,9 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None):
                  optimizer=optimizer, steps=config.steps, seed=seed,
                  batch_size=config.batch_size or None,
                  eval_every=config.eval_every, progress=progress,
-                 desc=f"{config.method} seed {seed}")
+                 desc=f"{config.method} seed {seed}",
+                 checkpoint_dir=checkpoint_dir,
+                 checkpoint_every=config.checkpoint_every)
   wall = time.time() - t0
   h = res.history
   curve = dict(step=h["step"].tolist(),
@@ -115,7 +122,6 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None):
 def run(methods, preset, restarts, seed, output_dir, data_dir=None,
         overrides=(), progress=True, mnist=None):
   """Runs every (method, seed) not yet in ``output_dir/results.jsonl``."""
-  import os  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.abspath(output_dir), "results.jsonl")
   for method in methods:
     config = _apply_overrides(configs.get_config(method, preset), overrides)
@@ -125,8 +131,11 @@ def run(methods, preset, restarts, seed, output_dir, data_dir=None,
       if (method, preset, s) in done:
         logging.info("skip %s seed %d (already in %s)", method, s, path)
         continue
-      records = run_restart(config, s, data_dir, progress, mnist)
+      ckpt = os.path.join(os.path.dirname(path), "checkpoints",
+                          f"{method}-{preset}-seed{s}")
+      records = run_restart(config, s, data_dir, progress, mnist, ckpt)
       results_lib.append_jsonl(path, records)
+      shutil.rmtree(ckpt, ignore_errors=True)  # The record is the result.
       last = [r for r in records if r["selection"] == "last"][0]
       print(f"{method} seed {s}: train {last['train_acc']:.4f} test "
             f"{last['test_acc']:.4f} ({last['wall_s']:.0f}s)", flush=True)
@@ -134,7 +143,6 @@ def run(methods, preset, restarts, seed, output_dir, data_dir=None,
 
 
 def write_reports(output_dir):
-  import os  # pylint: disable=g-import-not-at-top
   records = results_lib.read_jsonl(os.path.join(output_dir, "results.jsonl"))
   if not records:
     return

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, NamedTuple, Optional
 
@@ -188,7 +189,9 @@ def select(history: dict, env_names: dict) -> dict:
 def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
         optimizer: optax.GradientTransformation, steps: int, seed: int = 0,
         batch_size: Optional[int] = None, eval_every: int = 10,
-        progress: bool = False, desc: str = "") -> FitResult:
+        progress: bool = False, desc: str = "",
+        checkpoint_dir: Optional[str] = None,
+        checkpoint_every: int = 100) -> FitResult:
   """Trains ``model`` on ``splits.train`` and evaluates every environment.
 
   Args:
@@ -202,6 +205,12 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
     eval_every: evaluate every this many steps and after the last one.
     progress: show a tqdm progress bar.
     desc: progress-bar label.
+    checkpoint_dir: if set, the state and evaluation history are saved there
+      with orbax every ``checkpoint_every`` steps (at evaluation points) and a
+      later call with the same directory resumes from the latest checkpoint;
+      the resumed run equals an uninterrupted one.
+    checkpoint_every: steps between checkpoints (rounded up to an evaluation
+      point).
 
   Returns:
     A :class:`FitResult`.
@@ -232,6 +241,9 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
   eval_fn = jax.jit(make_eval_fn(model.apply, task))
 
   rows = []
+  ckpt = None if checkpoint_dir is None else _Checkpointer(checkpoint_dir)
+  if ckpt is not None:
+    state, rows = ckpt.restore(state, rows)
 
   def evaluate(state, aux):
     row = {"step": int(state.step),
@@ -239,23 +251,74 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
            "test_acc_E": eval_fn(state.params, test)[0]}
     if val is not None:
       row["val_acc_E"] = eval_fn(state.params, val)[0]
-    row.update({k: v for k, v in aux.items()})
-    rows.append(row)
+    row.update(aux)
+    rows.append(jax.tree.map(lambda v: np.asarray(jax.device_get(v)), row))
 
-  it = range(steps)
+  it = range(int(state.step), steps)
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
-    it = tqdm.tqdm(it, desc=desc, leave=False, mininterval=2.0)
+    it = tqdm.tqdm(it, desc=desc, leave=False, mininterval=2.0,
+                   initial=int(state.step), total=steps)
+  last_saved = int(state.step)
   for i in it:
     state, aux = step_fn(state, train)
     if (i + 1) % eval_every == 0 or i + 1 == steps:
       evaluate(state, aux)
+      if ckpt is not None and (i + 1 - last_saved >= checkpoint_every or
+                               i + 1 == steps):
+        ckpt.save(state, rows)
+        last_saved = i + 1
+  if ckpt is not None:
+    ckpt.close()
   history = {}
   for key in rows[0]:
-    history[key] = np.stack([np.asarray(jax.device_get(r[key])) for r in rows])
+    history[key] = np.stack([np.asarray(r[key]) for r in rows])
   env_names = dict(train=list(splits.train.names),
                    test=list(splits.test.names))
   if splits.val is not None:
     env_names["val"] = list(splits.val.names)
   return FitResult(state.params, history, select(history, env_names),
                    env_names, time.time() - t0)
+
+
+class _Checkpointer:
+  """One orbax CheckpointManager for a run: state + evaluation history."""
+
+  def __init__(self, directory: str):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    self._ocp = ocp
+    self._mngr = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+  @staticmethod
+  def _to_saveable(state: TrainState):
+    return state._replace(rng=jax.random.key_data(state.rng))
+
+  def save(self, state: TrainState, rows: list) -> None:
+    ocp = self._ocp
+    history = [{k: np.asarray(v).tolist() for k, v in r.items()}
+               for r in rows]
+    self._mngr.save(int(state.step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(self._to_saveable(state)),
+        history=ocp.args.JsonSave(history)))
+
+  def restore(self, state: TrainState, rows: list):
+    step = self._mngr.latest_step()
+    if step is None:
+      return state, rows
+    ocp = self._ocp
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            self._to_saveable(state))
+    restored = self._mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        history=ocp.args.JsonRestore()))
+    st = restored["state"]
+    st = st._replace(rng=jax.random.wrap_key_data(st.rng))
+    history = [{k: np.asarray(v, np.float32 if k != "step" else np.int64)
+                for k, v in r.items()} for r in restored["history"]]
+    return st, history
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()

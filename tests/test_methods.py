@@ -149,3 +149,22 @@ def test_irm_beats_erm_on_linear_synthetic_spurious_weight():
   irm_w, irm_test = spurious_weight(jirm.erm + sched * jirm.irmv1)
   assert irm_w < 0.5 * erm_w
   assert irm_test > erm_test  # test_acc is -MSE for regression.
+
+
+def test_checkpoint_resume_equals_uninterrupted_run(datasets, tmp_path):
+  splits = datasets["colored_mnist"]
+  obj = jirm.erm + jirm.schedules.preset("domainbed", weight=10.0,
+                                         anneal=4) * jirm.irmv1(
+                                             variant="split_perm")
+  kw = dict(model=jirm.models.mlp(8), objective=obj,
+            optimizer=optax.adam(1e-2), seed=0, eval_every=2, batch_size=32)
+  full = jirm.fit(splits, steps=8, **kw)
+  ckpt = str(tmp_path / "ckpt")
+  jirm.fit(splits, steps=4, checkpoint_dir=ckpt, checkpoint_every=2, **kw)
+  resumed = jirm.fit(splits, steps=8, checkpoint_dir=ckpt,
+                     checkpoint_every=2, **kw)
+  jax.tree.map(np.testing.assert_array_equal, full.params, resumed.params)
+  for key in full.history:
+    np.testing.assert_allclose(full.history[key], resumed.history[key],
+                               rtol=1e-6)
+  assert resumed.selections == full.selections

@@ -46,6 +46,7 @@ def base() -> ml_collections.ConfigDict:
   c.anneal = 0
   c.penalty_options = ml_collections.ConfigDict()
   c.eval_every = 10
+  c.checkpoint_every = 100  # steps between orbax checkpoints of a restart.
   c.note = ""
   return c
 
