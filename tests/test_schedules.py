@@ -58,14 +58,18 @@ def _tiny_problem():
   return model, params, data
 
 
+def _fresh_state(params, opt):
+  return train_lib.TrainState(jnp.int32(0), params, opt.init(params),
+                              jax.random.key(1))
+
+
 def test_domainbed_resets_adam_exactly_at_the_anneal_step():
   model, params, data = _tiny_problem()
   opt = optax.adam(1e-2)
   sched = jirm.schedules.preset("domainbed", weight=10.0, anneal=3)
   obj = jirm.erm + sched * jirm.irmv1
   step_fn = jax.jit(train_lib.make_train_step(model.apply, obj, opt))
-  state = train_lib.TrainState(jnp.int32(0), params, opt.init(params),
-                               jax.random.key(1))
+  state = _fresh_state(params, opt)
   counts = []
   for _ in range(5):
     state, _ = step_fn(state, data)
@@ -77,8 +81,7 @@ def test_domainbed_resets_adam_exactly_at_the_anneal_step():
   obj = jirm.erm + jirm.schedules.preset("irm", weight=10.0,
                                          anneal=3) * jirm.irmv1
   step_fn = jax.jit(train_lib.make_train_step(model.apply, obj, opt))
-  state = train_lib.TrainState(jnp.int32(0), params, opt.init(params),
-                               jax.random.key(1))
+  state = _fresh_state(params, opt)
   for _ in range(5):
     state, _ = step_fn(state, data)
   assert int(state.opt_state[0].count) == 5
@@ -90,8 +93,7 @@ def test_reset_step_equals_fresh_optimizer_then_one_update():
   sched = jirm.schedules.preset("domainbed", weight=10.0, anneal=2)
   obj = jirm.erm + sched * jirm.irmv1
   step_fn = jax.jit(train_lib.make_train_step(model.apply, obj, opt))
-  state = train_lib.TrainState(jnp.int32(0), params, opt.init(params),
-                               jax.random.key(1))
+  state = _fresh_state(params, opt)
   state, _ = step_fn(state, data)
   state, _ = step_fn(state, data)
   manual = state._replace(opt_state=opt.init(state.params))
