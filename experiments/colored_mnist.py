@@ -49,6 +49,8 @@ flags.DEFINE_string("data_dir", None, "tfds data dir (else $TFDS_DATA_DIR, "
 flags.DEFINE_multi_string("set", [], "Config override key=value, e.g. "
                           "--set=lr=1e-3 --set=data.data_num=20000.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_bool("report_only", False, "Only regenerate summary.md and "
+                  "curves.png from --output_dir/results.jsonl.")
 FLAGS = flags.FLAGS
 
 
@@ -156,6 +158,9 @@ def write_reports(output_dir):
 
 def main(argv):
   del argv
+  if FLAGS.report_only:
+    write_reports(FLAGS.output_dir)
+    return
   methods = (METHODS_ALL if FLAGS.method == "all" else
              tuple(m.strip() for m in FLAGS.method.split(",")))
   for m in methods:

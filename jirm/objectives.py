@@ -330,6 +330,8 @@ def _product(a: Weight, b: Weight) -> Weight:
     raise ValueError("cannot multiply two scheduled weights; fold them into "
                      "one schedule.")
   sched, scalar = (a, b) if callable(a) else (b, a)
+  if scalar == 1.0:
+    return sched
   if getattr(sched, "rescale", "none") != "none":
     raise ValueError("scaling a PenaltySchedule by a constant would change "
                      "its loss rescaling; pass weight=... to the preset.")

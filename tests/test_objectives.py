@@ -181,6 +181,19 @@ def test_optax_schedule_and_float_weights():
       rtol=1e-6)
 
 
+def test_schedule_times_a_sum_keeps_its_rescaling():
+  sched = jirm.schedules.preset("irm", weight=100.0, anneal=0)
+  obj = jirm.erm + sched * (jirm.irmv1 + jirm.vrex)
+  out = _out()
+  total, aux = obj(out, 3)
+  want = (jirm.erm.value(out) + 100.0 * (jirm.irmv1.value(out) +
+                                         jirm.vrex.value(out))) / 100.0
+  np.testing.assert_allclose(total, want, rtol=1e-6)
+  assert float(aux["rescale"]) == 100.0
+  with pytest.raises(ValueError, match="rescaling"):
+    _ = 2.0 * obj
+
+
 def test_bad_options_raise_clear_errors():
   with pytest.raises(TypeError, match="no option"):
     jirm.irmv1(varaint="full")
