@@ -158,6 +158,8 @@ def write_reports(output_dir):
 
 def main(argv):
   del argv
+  if not FLAGS["verbosity"].present:  # Keep tfds/orbax INFO chatter out.
+    logging.set_verbosity(logging.WARNING)
   if FLAGS.report_only:
     write_reports(FLAGS.output_dir)
     return
