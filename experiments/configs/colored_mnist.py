@@ -86,13 +86,17 @@ def get_config(method: str = "irmv1", preset: str = "paper"):
     c.note = ("No ColoredMNIST anchor: IRM flags with IRM-TV's schedule "
               "(0 before anneal, /(1+lambda)).")
   elif method == "bayesian_irm":
-    c.update(IRM_FLAGS)
+    # BIRM release (auto_CMNIST.sh + update_flags): hidden 390, l2 1e-3,
+    # lr 4e-4, anneal 200, weight 1e4, 1500 full-batch steps, 20k images,
+    # prior_sd_coef 1200, penalty "bayes_fullbatch" (env-scale form).
+    c.update(dict(hidden_dim=390, l2=0.001, lr=0.0004, anneal=200,
+                  penalty_weight=10000.0, steps=1500))
     c.schedule = "lin"
     c.data.variant = "lin"
     c.data.data_num = 20_000
     c.penalty_options = ml_collections.ConfigDict(dict(prior_sd_coef=1200.0))
-    c.note = ("BIRM setting: Lin et al. ColoredMNIST 20k, prior_sd_coef 1200, "
-              "lin schedule; network flags are IRM's.")
+    c.note = ("BIRM release flags (auto_CMNIST.sh): Lin et al. ColoredMNIST "
+              "20k, 1500 steps, prior_sd_coef 1200, lin schedule.")
   else:
     raise ValueError(f"no ColoredMNIST config for method {method!r}.")
   if preset == "quick":
