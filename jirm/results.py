@@ -19,6 +19,9 @@ def atomic_write(path: str, text: str) -> None:
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files.
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
