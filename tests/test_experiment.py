@@ -68,3 +68,6 @@ def test_results_are_written_atomically(tmp_path):
   results_lib.append_jsonl(path, [{"a": 2}])
   assert [json.loads(l)["a"] for l in open(path)] == [1, 2]
   assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
