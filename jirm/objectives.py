@@ -109,16 +109,23 @@ def _scale_grad(out: Outputs, scale0_E=None):
   return jax.grad(lambda s: env_risks(out, s).sum())(w)
 
 
-def _pooled_scale_grad(out: Outputs, scale_E):
-  """SparseIRM/BIRM form: grad of ``E * pooled_mean_nll`` w.r.t. env scales."""
-  num_envs = out.logits.shape[0]
+def _pooled_mean(out: Outputs, scale_E=None):
+  """Mean loss over every valid sample, env e's logits scaled by scale_E[e]."""
+  logits = out.logits if scale_E is None else (
+      out.logits * scale_E[:, None, None])
+  losses = sample_losses(logits, out.labels, out.task)
+  return (losses * out.valid).sum() / jnp.maximum(out.valid.sum(), 1.0)
 
-  def pooled(s):
-    losses = sample_losses(out.logits * s[:, None, None], out.labels, out.task)
-    return num_envs * (losses * out.valid).sum() / jnp.maximum(
-        out.valid.sum(), 1.0)
 
-  return jax.grad(pooled)(scale_E)
+def _pooled_scale_grad(out: Outputs, scale_E=None):
+  """``d pooled_mean / d w_e`` = sum_{i in e} dloss_i/dw / N, ``[E]``.
+
+  Times E this is the SparseIRM/BIRM env-scale gradient; as is it is
+  IRM-TV's g_e (env risk summed over env e, divided by the whole batch N).
+  """
+  if scale_E is None:
+    scale_E = jnp.ones((out.logits.shape[0],), out.logits.dtype)
+  return jax.grad(lambda s: _pooled_mean(out, s))(scale_E)
 
 
 # ----------------------------------------------------------------------------
@@ -133,8 +140,7 @@ def _erm(out: Outputs, reduction: str = "mean"):
   if reduction == "sum":
     return env_risks(out).sum()
   if reduction == "pooled":
-    losses = sample_losses(out.logits, out.labels, out.task)
-    return (losses * out.valid).sum() / jnp.maximum(out.valid.sum(), 1.0)
+    return _pooled_mean(out)
   raise ValueError(f"erm reduction={reduction!r}: use 'mean', 'pooled' or "
                    f"'sum'.")
 
@@ -166,8 +172,7 @@ def _irmv1(out: Outputs, variant: str = "full"):
     prod = _scale_grad(first) * _scale_grad(second)
     return prod.mean() if variant == "split" else prod.sum()
   if variant == "env_scale":
-    ones = jnp.ones((out.logits.shape[0],), out.logits.dtype)
-    return jnp.mean(_pooled_scale_grad(out, ones) ** 2)
+    return jnp.mean((out.logits.shape[0] * _pooled_scale_grad(out)) ** 2)
   raise ValueError(f"irmv1 variant={variant!r}: use 'full', 'split', "
                    f"'split_perm' or 'env_scale'.")
 
@@ -205,18 +210,6 @@ def _rvp(out: Outputs):
   return safe_sqrt(jnp.var(env_risks(out)))
 
 
-def _tv_grads(out: Outputs):
-  """IRM-TV: g_e = d/ds [sum_{i in e} loss(s f(x_i)) / N], N = whole batch."""
-  total = jnp.maximum(out.valid.sum(), 1.0)
-
-  def risk_sum(s):
-    losses = sample_losses(out.logits * s[:, None, None], out.labels, out.task)
-    return (losses * out.valid).sum() / total
-
-  return jax.grad(risk_sum)(jnp.ones((out.logits.shape[0],),
-                                     out.logits.dtype))
-
-
 def _irm_tv_l1(out: Outputs, form: str = "multi_env"):
   """IRM-TV-l1 (Lai & Wang, ICML 2024): (sum_e |g_e|)^2 with
   g_e = d/ds [sum_{i in e} loss_i / N]; IRMv1 is its TV-l2 analogue.
@@ -229,11 +222,11 @@ def _irm_tv_l1(out: Outputs, form: str = "multi_env"):
     if form == "two_env" and out.logits.shape[0] != 2:
       raise ValueError(f"irm_tv_l1(form='two_env') needs 2 envs, got "
                        f"{out.logits.shape[0]}; use form='multi_env'.")
-    return jnp.sum(jnp.abs(_tv_grads(out))) ** 2
+    return jnp.sum(jnp.abs(_pooled_scale_grad(out))) ** 2
   if form == "minibatch":
     first, second = _halves(out)
     # Normalise each half by its share of the whole batch, as in the release.
-    g1, g2 = _tv_grads(first), _tv_grads(second)
+    g1, g2 = _pooled_scale_grad(first), _pooled_scale_grad(second)
     return jnp.sum(safe_sqrt(jnp.abs(g1 * g2))) ** 2
   raise ValueError(f"irm_tv_l1 form={form!r}: use 'two_env', 'multi_env' or "
                    f"'minibatch'.")
@@ -241,7 +234,7 @@ def _irm_tv_l1(out: Outputs, form: str = "multi_env"):
 
 def _irm_tv_l2(out: Outputs):
   """IRMv1 in the TV framework: sum_e g_e^2 (g_e as in irm_tv_l1)."""
-  return jnp.sum(_tv_grads(out) ** 2)
+  return jnp.sum(_pooled_scale_grad(out) ** 2)
 
 
 def _bayesian_irm(out: Outputs, prior_sd_coef: float = 1200.0,
@@ -265,9 +258,9 @@ def _bayesian_irm(out: Outputs, prior_sd_coef: float = 1200.0,
     w = 1.0 + sigma * jax.random.normal(key, (num_envs,), out.logits.dtype)
     if split:
       first, second = _halves(out)
-      return jnp.mean(_pooled_scale_grad(first, w) *
+      return jnp.mean(num_envs ** 2 * _pooled_scale_grad(first, w) *
                       _pooled_scale_grad(second, w))
-    return jnp.mean(_pooled_scale_grad(out, w) ** 2)
+    return jnp.mean((num_envs * _pooled_scale_grad(out, w)) ** 2)
 
   return jnp.mean(jax.vmap(one)(keys))
 
@@ -311,7 +304,8 @@ class Term:
   def __add__(self, other):
     return Objective(((1.0, self),)) + other
 
-  __radd__ = lambda self, other: other + Objective(((1.0, self),))
+  def __radd__(self, other):
+    return Objective(((1.0, self),)).__radd__(other)
 
   def __mul__(self, weight):
     return Objective(((weight, self),))
@@ -355,6 +349,13 @@ class Objective:
     if not isinstance(other, Objective):
       return NotImplemented
     return Objective(self.terms + other.terms)
+
+  def __radd__(self, other):
+    if isinstance(other, (int, float)) and other == 0:  # sum([...])
+      return self
+    if isinstance(other, Term):
+      return Objective(((1.0, other),)) + self
+    return NotImplemented
 
   def __mul__(self, weight):
     return Objective(tuple((_product(weight, w), t) for w, t in self.terms))

@@ -167,6 +167,14 @@ def test_composed_objective_equals_manual_weighted_sum():
     np.testing.assert_allclose(aux["rescale"], max(lam, 1.0))
 
 
+def test_sum_of_terms():
+  out = _out()
+  obj = sum([jirm.erm, jirm.vrex, 2.0 * jirm.mm_rex])
+  np.testing.assert_allclose(
+      obj(out)[0], jirm.erm.value(out) + jirm.vrex.value(out) +
+      2.0 * jirm.mm_rex.value(out), rtol=1e-6)
+
+
 def test_optax_schedule_and_float_weights():
   import optax  # pylint: disable=g-import-not-at-top
   sched = optax.linear_schedule(0.0, 10.0, 10)
