@@ -63,28 +63,26 @@ def _fresh_state(params, opt):
                               jax.random.key(1))
 
 
-def test_domainbed_resets_adam_exactly_at_the_anneal_step():
+def _adam_counts(preset_name, steps=5):
+  """Adam's step count after each of ``steps`` updates under a preset."""
   model, params, data = _tiny_problem()
   opt = optax.adam(1e-2)
-  sched = jirm.schedules.preset("domainbed", weight=10.0, anneal=3)
+  sched = jirm.schedules.preset(preset_name, weight=10.0, anneal=3)
   obj = jirm.erm + sched * jirm.irmv1
   step_fn = jax.jit(train_lib.make_train_step(model.apply, obj, opt))
   state = _fresh_state(params, opt)
   counts = []
-  for _ in range(5):
+  for _ in range(steps):
     state, _ = step_fn(state, data)
     counts.append(int(state.opt_state[0].count))
-  # Adam's count restarts at the anneal step: 1, 2, 3, then reset -> 1, 2.
-  assert counts == [1, 2, 3, 1, 2]
+  return counts
 
+
+def test_domainbed_resets_adam_exactly_at_the_anneal_step():
+  # Adam's count restarts at the anneal step: 1, 2, 3, then reset -> 1, 2.
+  assert _adam_counts("domainbed") == [1, 2, 3, 1, 2]
   # Without the DomainBed preset nothing is reset.
-  obj = jirm.erm + jirm.schedules.preset("irm", weight=10.0,
-                                         anneal=3) * jirm.irmv1
-  step_fn = jax.jit(train_lib.make_train_step(model.apply, obj, opt))
-  state = _fresh_state(params, opt)
-  for _ in range(5):
-    state, _ = step_fn(state, data)
-  assert int(state.opt_state[0].count) == 5
+  assert _adam_counts("irm")[-1] == 5
 
 
 def test_reset_step_equals_fresh_optimizer_then_one_update():
