@@ -15,7 +15,6 @@ record is written).
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 
@@ -23,6 +22,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import common
 from experiments.configs import colored_mnist as configs
 import jirm
 from jirm import results as results_lib
@@ -52,22 +52,6 @@ flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_bool("report_only", False, "Only regenerate summary.md and "
                   "curves.png from --output_dir/results.jsonl.")
 FLAGS = flags.FLAGS
-
-
-def _apply_overrides(config, overrides):
-  for item in overrides:
-    if "=" not in item:
-      raise ValueError(f"--set={item!r}: expected key=value.")
-    key, raw = item.split("=", 1)
-    node, *path = key.split(".")[::-1]
-    target = config
-    for part in reversed(path):
-      target = target[part]
-    old = target[node]
-    value = type(old)(raw) if not isinstance(old, bool) else (
-        raw.lower() in ("1", "true", "yes"))
-    target[node] = value
-  return config
 
 
 def build_run(config, data_dir=None, seed=0, mnist=None):
@@ -104,44 +88,19 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
                  desc=f"{config.method} seed {seed}",
                  checkpoint_dir=checkpoint_dir,
                  checkpoint_every=config.checkpoint_every)
-  wall = time.time() - t0
-  h = res.history
-  curve = dict(step=h["step"].tolist(),
-               train_acc=h["train_acc_E"].mean(1).tolist(),
-               test_acc=h["test_acc_E"].mean(1).tolist())
-  records = []
-  for rule, sel in res.selections.items():
-    rec = dict(method=config.method, preset=config.preset, seed=seed,
-               selection=rule, objective=objective.describe(),
-               data=splits.info, config=config.to_dict(), wall_s=wall,
-               train_wall_s=res.wall_s, **sel)
-    if rule == "last":
-      rec["curve"] = curve
-    records.append(rec)
-  return records
+  return common.records_from_fit(res, config, seed, objective.describe(),
+                                 splits.info, time.time() - t0)
 
 
 def run(methods, preset, restarts, seed, output_dir, data_dir=None,
         overrides=(), progress=True, mnist=None):
   """Runs every (method, seed) not yet in ``output_dir/results.jsonl``."""
-  path = os.path.join(os.path.abspath(output_dir), "results.jsonl")
-  for method in methods:
-    config = _apply_overrides(configs.get_config(method, preset), overrides)
-    for s in range(seed, seed + restarts):
-      done = {(r["method"], r["preset"], r["seed"])
-              for r in results_lib.read_jsonl(path)}
-      if (method, preset, s) in done:
-        logging.info("skip %s seed %d (already in %s)", method, s, path)
-        continue
-      ckpt = os.path.join(os.path.dirname(path), "checkpoints",
-                          f"{method}-{preset}-seed{s}")
-      records = run_restart(config, s, data_dir, progress, mnist, ckpt)
-      results_lib.append_jsonl(path, records)
-      shutil.rmtree(ckpt, ignore_errors=True)  # The record is the result.
-      last = [r for r in records if r["selection"] == "last"][0]
-      print(f"{method} seed {s}: train {last['train_acc']:.4f} test "
-            f"{last['test_acc']:.4f} ({last['wall_s']:.0f}s)", flush=True)
-      write_reports(output_dir)
+  configs_ = [common.apply_overrides(configs.get_config(m, preset), overrides)
+              for m in methods]
+  common.run_restarts(
+      configs_, restarts, seed, output_dir,
+      lambda c, s, ckpt: run_restart(c, s, data_dir, progress, mnist, ckpt),
+      write_reports)
 
 
 def write_reports(output_dir):

@@ -34,6 +34,11 @@ class Outputs(NamedTuple):
     params: model parameters (for weight penalties).
     rng: PRNG key for stochastic terms.
     task: ``'binary'``, ``'multiclass'`` or ``'regression'`` (static).
+    features: ``[E, B, D]`` output of the feature extractor h_u (deep models;
+      terms on the hidden head "(h)" read it).
+    head: ``head(head_params, feats_ND) -> logits_NC``, the real head g_v.
+    head_params: parameters of ``head`` at which ``logits`` were computed.
+    state: a stateful method's state (e.g. InvRat's environment heads).
   """
 
   logits: jax.Array
@@ -42,6 +47,10 @@ class Outputs(NamedTuple):
   params: Any = None
   rng: Optional[jax.Array] = None
   task: str = "binary"
+  features: Optional[jax.Array] = None
+  head: Optional[Callable] = None
+  head_params: Any = None
+  state: Any = None
 
 
 def sample_losses(logits_EBC, labels_EB, task: str = "binary"):
@@ -175,6 +184,34 @@ def _irmv1(out: Outputs, variant: str = "full"):
     return jnp.mean((out.logits.shape[0] * _pooled_scale_grad(out)) ** 2)
   raise ValueError(f"irmv1 variant={variant!r}: use 'full', 'split', "
                    f"'split_perm' or 'env_scale'.")
+
+
+def _irmv1_head(out: Outputs):
+  """IRMv1 on the real linear head, "(h)" (IRMBed's ``irmv1fc``).
+
+  For every env, the gradients of the even- and odd-half risks with respect
+  to the head's parameters (weight and bias) are multiplied elementwise,
+  averaged within each parameter tensor, and summed over tensors and
+  environments. Gradient flows into the encoder through the features.
+  """
+  if out.features is None or out.head is None or out.head_params is None:
+    raise ValueError("irmv1_head needs Outputs.features, .head and "
+                     ".head_params (a deep model from jirm.deep).")
+
+  def env_grads(feats_BD, labels_B, valid_B):
+    def risk(hp):
+      logits = out.head(hp, feats_BD)[None]
+      return env_risks(Outputs(logits, labels_B[None], valid_B[None],
+                               task=out.task))[0]
+    return jax.grad(risk)(out.head_params)
+
+  def one_env(feats_BD, labels_B, valid_B):
+    g1 = env_grads(feats_BD[0::2], labels_B[0::2], valid_B[0::2])
+    g2 = env_grads(feats_BD[1::2], labels_B[1::2], valid_B[1::2])
+    return sum(jnp.mean(a * b) for a, b in zip(jax.tree.leaves(g1),
+                                               jax.tree.leaves(g2)))
+
+  return jnp.sum(jax.vmap(one_env)(out.features, out.labels, out.valid))
 
 
 def _vrex(out: Outputs, variant: str = "var"):
@@ -410,6 +447,7 @@ class Objective:
 erm = Term("erm", _erm)
 l2 = Term("l2", _l2)
 irmv1 = Term("irmv1", _irmv1)
+irmv1_head = Term("irmv1_head", _irmv1_head)
 vrex = Term("vrex", _vrex)
 mm_rex = Term("mm_rex", _mm_rex)
 rvp = Term("rvp", _rvp)
@@ -417,5 +455,5 @@ irm_tv_l1 = Term("irm_tv_l1", _irm_tv_l1)
 irm_tv_l2 = Term("irm_tv_l2", _irm_tv_l2)
 bayesian_irm = Term("bayesian_irm", _bayesian_irm)
 
-TERMS = {t.name: t for t in (erm, l2, irmv1, vrex, mm_rex, rvp, irm_tv_l1,
+TERMS = {t.name: t for t in (erm, l2, irmv1, irmv1_head, vrex, mm_rex, rvp, irm_tv_l1,
                              irm_tv_l2, bayesian_irm)}

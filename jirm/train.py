@@ -78,6 +78,27 @@ def _sample_batch(data: EnvArrays, rng, batch_size: int) -> EnvArrays:
   return EnvArrays(take(data.x), take(data.y), take(data.valid))
 
 
+def epoch_batch(data: EnvArrays, rng, step, batch_size: int) -> EnvArrays:
+  """A balanced minibatch of ``batch_size`` samples from every env, drawn
+  without replacement within an epoch (a fresh permutation per epoch).
+
+  The epoch length is ``min_e n_e // batch_size`` steps; ``rng`` must be the
+  run's fixed key (the epoch index is folded in).
+  """
+  n_valid_E = data.valid.sum(1).astype(jnp.int32)
+  steps_per_epoch = jnp.maximum(n_valid_E.min() // batch_size, 1)
+  epoch, pos = step // steps_per_epoch, step % steps_per_epoch
+  keys = jax.random.split(jax.random.fold_in(rng, epoch), data.y.shape[0])
+  # Valid rows first, in random order.
+  order_EN = jax.vmap(lambda k, v: jnp.argsort(
+      jnp.where(v > 0, jax.random.uniform(k, v.shape), 2.0)))(keys, data.valid)
+  idx_EB = jax.lax.dynamic_slice_in_dim(order_EN, pos * batch_size,
+                                        batch_size, axis=1)
+  take = lambda a: jnp.take_along_axis(
+      a, idx_EB.reshape(idx_EB.shape + (1,) * (a.ndim - 2)), axis=1)
+  return EnvArrays(take(data.x), take(data.y), take(data.valid))
+
+
 def make_train_step(apply_fn, objective: objectives.Objective,
                     optimizer: optax.GradientTransformation, *,
                     task: str = "binary", batch_size: Optional[int] = None,
@@ -240,11 +261,6 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
                     donate_argnums=0)
   eval_fn = jax.jit(make_eval_fn(model.apply, task))
 
-  rows = []
-  ckpt = None if checkpoint_dir is None else _Checkpointer(checkpoint_dir)
-  if ckpt is not None:
-    state, rows = ckpt.restore(state, rows)
-
   def evaluate(state, aux):
     row = {"step": int(state.step),
            "train_acc_E": eval_fn(state.params, train)[0],
@@ -252,8 +268,41 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
     if val is not None:
       row["val_acc_E"] = eval_fn(state.params, val)[0]
     row.update(aux)
-    rows.append(jax.tree.map(lambda v: np.asarray(jax.device_get(v)), row))
+    return row
 
+  state, history = run_loop(state, lambda s: step_fn(s, train), evaluate,
+                            steps=steps, eval_every=eval_every,
+                            progress=progress, desc=desc,
+                            checkpoint_dir=checkpoint_dir,
+                            checkpoint_every=checkpoint_every)
+  env_names = dict(train=list(splits.train.names),
+                   test=list(splits.test.names))
+  if splits.val is not None:
+    env_names["val"] = list(splits.val.names)
+  return FitResult(state.params, history, select(history, env_names),
+                   env_names, time.time() - t0)
+
+
+def run_loop(state, step_fn, evaluate, *, steps: int, eval_every: int,
+             progress: bool = False, desc: str = "",
+             checkpoint_dir: Optional[str] = None,
+             checkpoint_every: int = 100):
+  """The host loop shared by every trainer: step, evaluate, checkpoint.
+
+  Args:
+    state: initial state (a NamedTuple with ``step`` and ``rng`` fields).
+    step_fn: ``state -> (state, aux)`` (jitted).
+    evaluate: ``(state, aux) -> dict`` of arrays for one history row.
+    steps, eval_every, progress, desc, checkpoint_dir, checkpoint_every: see
+      :func:`fit`.
+
+  Returns:
+    ``(state, history)``, history = dict of arrays stacked over rows.
+  """
+  rows = []
+  ckpt = None if checkpoint_dir is None else _Checkpointer(checkpoint_dir)
+  if ckpt is not None:
+    state, rows = ckpt.restore(state, rows)
   it = range(int(state.step), steps)
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
@@ -261,24 +310,19 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
                    initial=int(state.step), total=steps)
   last_saved = int(state.step)
   for i in it:
-    state, aux = step_fn(state, train)
+    state, aux = step_fn(state)
     if (i + 1) % eval_every == 0 or i + 1 == steps:
-      evaluate(state, aux)
+      row = evaluate(state, aux)
+      rows.append(jax.tree.map(lambda v: np.asarray(jax.device_get(v)), row))
       if ckpt is not None and (i + 1 - last_saved >= checkpoint_every or
                                i + 1 == steps):
         ckpt.save(state, rows)
         last_saved = i + 1
   if ckpt is not None:
     ckpt.close()
-  history = {}
-  for key in rows[0]:
-    history[key] = np.stack([np.asarray(r[key]) for r in rows])
-  env_names = dict(train=list(splits.train.names),
-                   test=list(splits.test.names))
-  if splits.val is not None:
-    env_names["val"] = list(splits.val.names)
-  return FitResult(state.params, history, select(history, env_names),
-                   env_names, time.time() - t0)
+  history = {key: np.stack([np.asarray(r[key]) for r in rows])
+             for key in rows[0]}
+  return state, history
 
 
 class _Checkpointer:
@@ -292,10 +336,10 @@ class _Checkpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
   @staticmethod
-  def _to_saveable(state: TrainState):
+  def _to_saveable(state):
     return state._replace(rng=jax.random.key_data(state.rng))
 
-  def save(self, state: TrainState, rows: list) -> None:
+  def save(self, state, rows: list) -> None:
     ocp = self._ocp
     history = [{k: np.asarray(v).tolist() for k, v in r.items()}
                for r in rows]
@@ -303,7 +347,7 @@ class _Checkpointer:
         state=ocp.args.StandardSave(self._to_saveable(state)),
         history=ocp.args.JsonSave(history)))
 
-  def restore(self, state: TrainState, rows: list):
+  def restore(self, state, rows: list):
     step = self._mngr.latest_step()
     if step is None:
       return state, rows

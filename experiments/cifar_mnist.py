@@ -1,0 +1,185 @@
+r"""Regenerates IRMBed's Table 1 (CIFAR-MNIST, ResNets) with jirm.
+
+  python -m experiments.cifar_mnist --method=all --model=resnet18 --envs=2 \
+      --preset=cpu --restarts=2 --output_dir=/tmp/cifar_mnist
+
+Writes ``results.jsonl`` (one line per restart and selection rule: method,
+model, envs, preset, seed, accuracies, objective, data info, full config,
+whether pretrained weights were used, wall time), ``summary.md`` (mean ± std
+beside IRMBed's numbers) and ``curves.png`` to ``--output_dir``. Finished
+restarts are skipped; interrupted ones resume from orbax checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import optax
+
+from experiments import common
+from experiments.configs import cifar_mnist as configs
+import jirm
+from jirm import deep
+from jirm import objectives
+from jirm import results as results_lib
+from jirm import schedules
+
+# IRMBed Table 1: (R18 2Env, R18 4Env, R50 2Env, R50 4Env).
+PUBLISHED = {
+    "oracle": (83.7, 83.2, 84.8, 85.0), "erm": (39.5, 35.7, 38.1, 32.0),
+    "irmv1": (70.8, 53.6, 43.3, 51.8), "rex": (52.5, 44.5, 51.1, 37.6),
+    "rvp": (49.4, 49.4, 50.2, 50.1), "irmv1_h": (48.6, 39.1, 43.3, 46.7),
+    "irm_game": (43.0, 37.2, 44.5, 40.1),
+    "invrat_eb": (77.6, 68.6, 68.5, 55.9),
+    "invrat_ec_o": (67.5, 67.7, 73.8, 68.4),
+    "invrat_ec_h": (75.8, 73.4, 81.2, 77.9),
+}
+COLUMN = {("resnet18", "2env"): 0, ("resnet18", "4env"): 1,
+          ("resnet50", "2env"): 2, ("resnet50", "4env"): 3}
+
+flags.DEFINE_string("method", "erm", "Method, comma list or 'all' "
+                    f"({', '.join(configs.METHODS)}).")
+flags.DEFINE_enum("model", "resnet18", ["resnet18", "resnet50", "tiny"],
+                  "Encoder.")
+flags.DEFINE_enum("envs", "2", ["2", "4"], "Number of training environments.")
+flags.DEFINE_string("preset", "cpu", "'cpu', 'irmbed' or 'quick'.")
+flags.DEFINE_integer("restarts", 2, "Number of restarts (seeds seed..).")
+flags.DEFINE_integer("seed", 0, "First seed.")
+flags.DEFINE_string("output_dir", None, "Where results go.", required=True)
+flags.DEFINE_string("data_dir", None, "tfds data dir with mnist and cifar10 "
+                    "(else $TFDS_DATA_DIR, else ~/tensorflow_datasets).")
+flags.DEFINE_multi_string("set", [], "Config override key=value, e.g. "
+                          "--set=penalty_weight=100 --set=epochs=4.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_bool("report_only", False, "Only rewrite summary.md/curves.png.")
+FLAGS = flags.FLAGS
+
+_BASE_TERM = {"irmv1": objectives.irmv1(variant="split_perm"),
+              "rex": objectives.vrex, "rvp": objectives.rvp,
+              "irmv1_h": objectives.irmv1_head}
+
+
+def build_run(config, seed=0, data_dir=None, sources=None):
+  """Config -> (splits, model, objective, optimizer, fit kwargs)."""
+  m = config.method
+  d = config.data
+  splits = jirm.data.cifar_mnist(
+      seed, envs=d.envs, label_noise=d.label_noise, oracle=(m == "oracle"),
+      val=d.val, val_fraction=d.val_fraction, train_num=d.train_num,
+      test_num=d.test_num or None, data_dir=data_dir, sources=sources)
+  num_envs = splits.train.num_envs
+  head = {"invrat_eb": "mlp", "irm_game": "ensemble"}.get(m, "linear")
+  model = deep.deep_model(config.model, head=head, num_envs=num_envs,
+                          stem=config.stem, lowering=config.lowering,
+                          width=config.width or None,
+                          head_hidden=config.eb_hidden)
+  steps_per_epoch = max(min(splits.train.sizes) // config.batch_size, 1)
+  anneal_step = config.anneal_epochs * steps_per_epoch
+  sched = schedules.preset("irmbed", weight=config.penalty_weight,
+                           anneal=config.anneal_epochs, ramp=config.ramp,
+                           steps_per_epoch=steps_per_epoch)
+  objective = objectives.erm(reduction="pooled") * 1.0
+  if config.l2:
+    objective = objective + config.l2 * objectives.l2
+  game, head_update = None, "total"
+  if m in _BASE_TERM:
+    objective = objective + sched * _BASE_TERM[m]
+    head_update = "erm"
+  elif m.startswith("invrat"):
+    kw = dict(lr=config.inner_lr, momentum=config.inner_momentum,
+              num_inners=config.num_inners, gap_scale=config.gap_scale)
+    game = (deep.invrat_eb(embed_dim=config.embed_dim,
+                           hidden=config.eb_hidden, **kw)
+            if m == "invrat_eb" else deep.invrat_ec(m[-1], **kw))
+    objective = objective + sched * game.term
+    head_update = "frozen"
+  elif m == "irm_game":
+    game = deep.irm_game(lr=config.inner_lr, momentum=config.inner_momentum,
+                         num_inners=config.num_inners)
+    head_update = "inner"
+  if config.optimizer == "adam":
+    optimizer = optax.adam(config.lr)
+  elif config.optimizer == "sgd":
+    optimizer = optax.sgd(config.lr, config.momentum)
+  else:
+    raise ValueError(f"optimizer={config.optimizer!r}: use 'adam' or 'sgd'.")
+  init_params = None
+  if config.pretrained:
+    from jirm import convert  # pylint: disable=g-import-not-at-top
+    init_params = convert.load_torchvision_resnet(config.pretrained,
+                                                  config.model)
+  fit_kw = dict(steps=config.epochs * steps_per_epoch,
+                batch_size=config.batch_size, game=game,
+                anneal_step=anneal_step, head_update=head_update,
+                init_params=init_params, eval_every=config.eval_every,
+                eval_train_max=config.eval_train_max or None,
+                transform=d.transform)
+  return splits, model, objective, optimizer, fit_kw
+
+
+def run_restart(config, seed, checkpoint_dir=None, data_dir=None,
+                progress=False, sources=None):
+  t0 = time.time()
+  splits, model, objective, optimizer, fit_kw = build_run(
+      config, seed, data_dir, sources)
+  res = deep.fit(splits, model=model, objective=objective,
+                 optimizer=optimizer, seed=seed, progress=progress,
+                 desc=f"{config.method} seed {seed}",
+                 checkpoint_dir=checkpoint_dir,
+                 checkpoint_every=config.checkpoint_every, **fit_kw)
+  return common.records_from_fit(
+      res, config, seed, objective.describe(), splits.info, time.time() - t0,
+      model=config.model, envs=config.data.envs,
+      pretrained=config.pretrained or "none (trained from scratch)",
+      steps=fit_kw["steps"], anneal_step=fit_kw["anneal_step"],
+      head_update=fit_kw["head_update"])
+
+
+def write_reports(output_dir):
+  records = results_lib.read_jsonl(os.path.join(output_dir, "results.jsonl"))
+  if not records:
+    return
+  published = {}
+  for r in records:
+    col = COLUMN.get((r.get("model"), r.get("envs")))
+    if col is not None and r["method"] in PUBLISHED:
+      published[r["method"]] = f"– / {PUBLISHED[r['method']][col]}"
+  title = "CIFAR-MNIST (IRMBed Table 1): " + ", ".join(sorted(
+      {f"{r.get('model')} {r.get('envs')}" for r in records}))
+  results_lib.atomic_write(os.path.join(output_dir, "summary.md"),
+                           results_lib.summary_table(records, published,
+                                                     title))
+  results_lib.plot_curves(records, os.path.join(output_dir, "curves.png"),
+                          "CIFAR-MNIST: train (dotted) / test (solid)")
+
+
+def main(argv):
+  del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  if FLAGS.report_only:
+    write_reports(FLAGS.output_dir)
+    return
+  methods = (configs.METHODS if FLAGS.method == "all" else
+             tuple(m.strip() for m in FLAGS.method.split(",")))
+  try:
+    cfgs = [common.apply_overrides(
+        configs.get_config(m, FLAGS.preset, FLAGS.model, int(FLAGS.envs)),
+        FLAGS.set) for m in methods]
+    common.run_restarts(
+        cfgs, FLAGS.restarts, FLAGS.seed, FLAGS.output_dir,
+        lambda c, s, ckpt: run_restart(c, s, ckpt, FLAGS.data_dir,
+                                       FLAGS.progress),
+        write_reports, key_fields=("method", "preset", "model", "data.envs"))
+  except (jirm.data.DataError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,92 @@
+"""Helpers shared by the experiment modules: config overrides, the restart
+loop that skips finished restarts, and report writing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from absl import logging
+
+from jirm import results as results_lib
+
+
+def apply_overrides(config, overrides):
+  """Applies ``key=value`` strings (dotted keys) to a ConfigDict, casting each
+  value to the type of the entry it replaces."""
+  for item in overrides:
+    if "=" not in item:
+      raise ValueError(f"--set={item!r}: expected key=value.")
+    key, raw = item.split("=", 1)
+    node, *path = key.split(".")[::-1]
+    target = config
+    for part in reversed(path):
+      target = target[part]
+    if node not in target:
+      raise ValueError(f"--set={item!r}: no config key {key!r}; keys are "
+                       f"{sorted(target.keys())}.")
+    old = target[node]
+    value = type(old)(raw) if not isinstance(old, bool) else (
+        raw.lower() in ("1", "true", "yes"))
+    target[node] = value
+  return config
+
+
+def run_restarts(configs, restarts, seed, output_dir, run_restart, report,
+                 key_fields=("method", "preset")):
+  """Runs every (config, seed) not yet recorded in ``results.jsonl``.
+
+  Args:
+    configs: ConfigDicts, one per method/setting.
+    restarts: seeds ``seed .. seed + restarts - 1``.
+    seed: first seed.
+    output_dir: holds ``results.jsonl`` and ``checkpoints/``.
+    run_restart: ``(config, seed, checkpoint_dir) -> records``.
+    report: ``output_dir -> None``, rewrites summaries after each restart.
+    key_fields: config fields (dotted paths) that, with the seed, identify a
+      restart; records hold them under the last path component.
+  """
+  path = os.path.join(os.path.abspath(output_dir), "results.jsonl")
+  for config in configs:
+    key = tuple(str(_get(config, f)) for f in key_fields)
+    name = "-".join(key)
+    for s in range(seed, seed + restarts):
+      done = {tuple(str(r.get(f.split(".")[-1])) for f in key_fields) +
+              (r["seed"],)
+              for r in results_lib.read_jsonl(path)}
+      if key + (s,) in done:
+        logging.info("skip %s seed %d (already in %s)", name, s, path)
+        continue
+      ckpt = os.path.join(os.path.dirname(path), "checkpoints",
+                          f"{name}-seed{s}")
+      records = run_restart(config, s, ckpt)
+      results_lib.append_jsonl(path, records)
+      shutil.rmtree(ckpt, ignore_errors=True)  # The record is the result.
+      last = [r for r in records if r["selection"] == "last"][0]
+      print(f"{name} seed {s}: train {last['train_acc']:.4f} test "
+            f"{last['test_acc']:.4f} ({last['wall_s']:.0f}s)", flush=True)
+      report(output_dir)
+
+
+def _get(config, dotted):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def records_from_fit(res, config, seed, objective, info, wall, **extra):
+  """One record per selection rule of a :class:`jirm.train.FitResult`."""
+  h = res.history
+  curve = dict(step=h["step"].tolist(),
+               train_acc=h["train_acc_E"].mean(1).tolist(),
+               test_acc=h["test_acc_E"].mean(1).tolist())
+  records = []
+  for rule, sel in res.selections.items():
+    rec = dict(method=config.method, preset=config.preset, seed=seed,
+               selection=rule, objective=objective, data=info,
+               config=config.to_dict(), wall_s=wall, train_wall_s=res.wall_s,
+               **extra, **sel)
+    if rule == "last":
+      rec["curve"] = curve
+    records.append(rec)
+  return records
