@@ -61,7 +61,7 @@ class EnsembleHead(nn.Module):
     kernel = self.param("kernel", init, (self.num_envs, fan_in, self.out))
     bias = self.param("bias", init, (self.num_envs, self.out))
     return jnp.einsum("nd,edc->nc", feats_ND, kernel) / self.num_envs + (
-        bias.mean(0))
+        bias.mean(0)[None])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,8 +369,8 @@ def irmbed_transform(x_NHWC, rng=None, size: int = 224):
   horizontal flip; eval (``rng=None``) = resize to ``size`` x ``size``; both
   then ImageNet normalisation."""
   n, h, w, c = x_NHWC.shape
-  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-  std = jnp.asarray(IMAGENET_STD, jnp.float32)
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32).reshape(1, 1, 1, 3)
+  std = jnp.asarray(IMAGENET_STD, jnp.float32).reshape(1, 1, 1, 3)
   if rng is None:
     out = jax.image.resize(x_NHWC, (n, size, size, c), "linear")
     return (out - mean) / std
