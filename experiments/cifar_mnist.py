@@ -42,22 +42,32 @@ PUBLISHED = {
 COLUMN = {("resnet18", "2env"): 0, ("resnet18", "4env"): 1,
           ("resnet50", "2env"): 2, ("resnet50", "4env"): 3}
 
-flags.DEFINE_string("method", "erm", "Method, comma list or 'all' "
-                    f"({', '.join(configs.METHODS)}).")
-flags.DEFINE_enum("model", "resnet18", ["resnet18", "resnet50", "tiny"],
-                  "Encoder.")
-flags.DEFINE_enum("envs", "2", ["2", "4"], "Number of training environments.")
-flags.DEFINE_string("preset", "cpu", "'cpu', 'irmbed' or 'quick'.")
-flags.DEFINE_integer("restarts", 2, "Number of restarts (seeds seed..).")
-flags.DEFINE_integer("seed", 0, "First seed.")
-flags.DEFINE_string("output_dir", None, "Where results go.", required=True)
-flags.DEFINE_string("data_dir", None, "tfds data dir with mnist and cifar10 "
-                    "(else $TFDS_DATA_DIR, else ~/tensorflow_datasets).")
-flags.DEFINE_multi_string("set", [], "Config override key=value, e.g. "
-                          "--set=penalty_weight=100 --set=epochs=4.")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
-flags.DEFINE_bool("report_only", False, "Only rewrite summary.md/curves.png.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a program, so that several
+  experiment modules can be imported together)."""
+  flags.DEFINE_string("method", "erm", "Method, comma list or 'all' "
+                      f"({', '.join(configs.METHODS)}).")
+  flags.DEFINE_enum("model", "resnet18", ["resnet18", "resnet50", "tiny"],
+                    "Encoder.")
+  flags.DEFINE_enum("envs", "2", ["2", "4"], "Number of training environments.")
+  flags.DEFINE_string("preset", "cpu", "'cpu', 'irmbed' or 'quick'.")
+  flags.DEFINE_integer("restarts", 2, "Number of restarts (seeds seed..).")
+  flags.DEFINE_integer("seed", 0, "First seed.")
+  flags.DEFINE_string("output_dir", None, "Where results go.", required=True)
+  flags.DEFINE_string("data_dir", None, "tfds data dir with mnist and cifar10 "
+                      "(else $TFDS_DATA_DIR, else ~/tensorflow_datasets).")
+  flags.DEFINE_multi_string("set", [], "Config override key=value, e.g. "
+                            "--set=penalty_weight=100 --set=epochs=4.")
+  flags.DEFINE_multi_string("grid", [], "Grid over a config key, key=v1,v2,... "
+                            "(repeat for a product), e.g. --grid=embed_dim=64,"
+                            "128,256,512 --grid=eb_hidden=256,512 for IRMBed's "
+                            "Table 2 (InvRat-EB).")
+  flags.DEFINE_bool("progress", True, "Show a progress bar.")
+  flags.DEFINE_bool("report_only", False, "Only rewrite summary.md/curves.png.")
+
 
 _BASE_TERM = {"irmv1": objectives.irmv1(variant="split_perm"),
               "rex": objectives.vrex, "rvp": objectives.rvp,
@@ -136,6 +146,7 @@ def run_restart(config, seed, checkpoint_dir=None, data_dir=None,
       res, config, seed, objective.describe(), splits.info, time.time() - t0,
       model=config.model, envs=config.data.envs,
       pretrained=config.pretrained or "none (trained from scratch)",
+      note=config.note,
       steps=fit_kw["steps"], anneal_step=fit_kw["anneal_step"],
       head_update=fit_kw["head_update"])
 
@@ -144,11 +155,15 @@ def write_reports(output_dir):
   records = results_lib.read_jsonl(os.path.join(output_dir, "results.jsonl"))
   if not records:
     return
+  for r in records:  # Grid points are reported as separate rows.
+    if r.get("note"):
+      r["method"] = f"{r['method']}[{r['note']}]"
   published = {}
   for r in records:
     col = COLUMN.get((r.get("model"), r.get("envs")))
-    if col is not None and r["method"] in PUBLISHED:
-      published[r["method"]] = f"– / {PUBLISHED[r['method']][col]}"
+    base = r["method"].split("[")[0]
+    if col is not None and base in PUBLISHED:
+      published[r["method"]] = f"– / {PUBLISHED[base][col]}"
   title = "CIFAR-MNIST (IRMBed Table 1): " + ", ".join(sorted(
       {f"{r.get('model')} {r.get('envs')}" for r in records}))
   results_lib.atomic_write(os.path.join(output_dir, "summary.md"),
@@ -156,6 +171,42 @@ def write_reports(output_dir):
                                                      title))
   results_lib.plot_curves(records, os.path.join(output_dir, "curves.png"),
                           "CIFAR-MNIST: train (dotted) / test (solid)")
+
+
+def expand_grid(config, grid):
+  """One config per point of the ``key=v1,v2`` grid; each is tagged in
+  ``config.note`` (and its records' method name) with its grid values."""
+  points = [config]
+  for item in grid:
+    if "=" not in item:
+      raise ValueError(f"--grid={item!r}: expected key=v1,v2,...")
+    key, values = item.split("=", 1)
+    new = []
+    for c in points:
+      for v in values.split(","):
+        c2 = common.apply_overrides(c.copy_and_resolve_references(),
+                                    [f"{key}={v}"])
+        c2.note = ",".join(filter(None, [c.note, f"{key}={v}"]))
+        new.append(c2)
+    points = new
+  return points
+
+
+def run(methods, preset, model, envs, restarts, seed, output_dir,
+        data_dir=None, overrides=(), grid=(), progress=True, sources=None):
+  """Runs every (method, grid point, seed) not yet in ``results.jsonl``."""
+  cfgs = []
+  for m in methods:
+    c = common.apply_overrides(configs.get_config(m, preset, model, envs),
+                               overrides)
+    cfgs += expand_grid(c, grid)
+
+  common.run_restarts(cfgs, restarts, seed, output_dir,
+                      lambda c, s, ckpt: run_restart(c, s, ckpt, data_dir,
+                                                     progress, sources),
+                      write_reports,
+                      key_fields=("method", "preset", "model", "data.envs",
+                                  "note"))
 
 
 def main(argv):
@@ -168,18 +219,14 @@ def main(argv):
   methods = (configs.METHODS if FLAGS.method == "all" else
              tuple(m.strip() for m in FLAGS.method.split(",")))
   try:
-    cfgs = [common.apply_overrides(
-        configs.get_config(m, FLAGS.preset, FLAGS.model, int(FLAGS.envs)),
-        FLAGS.set) for m in methods]
-    common.run_restarts(
-        cfgs, FLAGS.restarts, FLAGS.seed, FLAGS.output_dir,
-        lambda c, s, ckpt: run_restart(c, s, ckpt, FLAGS.data_dir,
-                                       FLAGS.progress),
-        write_reports, key_fields=("method", "preset", "model", "data.envs"))
+    run(methods, FLAGS.preset, FLAGS.model, int(FLAGS.envs), FLAGS.restarts,
+        FLAGS.seed, FLAGS.output_dir, FLAGS.data_dir, FLAGS.set, FLAGS.grid,
+        FLAGS.progress)
   except (jirm.data.DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

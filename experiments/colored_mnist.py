@@ -38,20 +38,26 @@ PUBLISHED = {
     "bayesian_irm": "– / 67.0 ± 1.8 (20k)",
 }
 
-flags.DEFINE_string("method", "irmv1", "Method name, comma list, or 'all' "
-                    f"({', '.join(METHODS_ALL)}).")
-flags.DEFINE_string("preset", "paper", "Config preset: 'paper' or 'quick'.")
-flags.DEFINE_integer("restarts", 10, "Number of restarts (seeds seed..).")
-flags.DEFINE_integer("seed", 0, "First seed.")
-flags.DEFINE_string("output_dir", None, "Where results go.", required=True)
-flags.DEFINE_string("data_dir", None, "tfds data dir (else $TFDS_DATA_DIR, "
-                    "else ~/tensorflow_datasets).")
-flags.DEFINE_multi_string("set", [], "Config override key=value, e.g. "
-                          "--set=lr=1e-3 --set=data.data_num=20000.")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
-flags.DEFINE_bool("report_only", False, "Only regenerate summary.md and "
-                  "curves.png from --output_dir/results.jsonl.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a program, so that several
+  experiment modules can be imported together)."""
+  flags.DEFINE_string("method", "irmv1", "Method name, comma list, or 'all' "
+                      f"({', '.join(METHODS_ALL)}).")
+  flags.DEFINE_string("preset", "paper", "Config preset: 'paper' or 'quick'.")
+  flags.DEFINE_integer("restarts", 10, "Number of restarts (seeds seed..).")
+  flags.DEFINE_integer("seed", 0, "First seed.")
+  flags.DEFINE_string("output_dir", None, "Where results go.", required=True)
+  flags.DEFINE_string("data_dir", None, "tfds data dir (else $TFDS_DATA_DIR, "
+                      "else ~/tensorflow_datasets).")
+  flags.DEFINE_multi_string("set", [], "Config override key=value, e.g. "
+                            "--set=lr=1e-3 --set=data.data_num=20000.")
+  flags.DEFINE_bool("progress", True, "Show a progress bar.")
+  flags.DEFINE_bool("report_only", False, "Only regenerate summary.md and "
+                    "curves.png from --output_dir/results.jsonl.")
+
 
 
 def build_run(config, data_dir=None, seed=0, mnist=None):
@@ -135,4 +141,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -8,7 +8,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-"$VENV/bin/python" -m pip install -q -e ".[test]"
+# torch (CPU build) is for the torchvision-converter parity test only.
+"$VENV/bin/python" -m pip install -q -e ".[test,torch]"
 if [ -z "${TFDS_DATA_DIR:-}" ] && [ -d ../shared/tensorflow_datasets ]; then
   export TFDS_DATA_DIR="$(cd ../shared/tensorflow_datasets && pwd)"
 fi

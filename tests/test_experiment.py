@@ -6,6 +6,7 @@ import os
 import pytest
 
 from experiments import colored_mnist
+from experiments import common
 from experiments.configs import colored_mnist as configs
 from jirm import results as results_lib
 
@@ -51,12 +52,12 @@ def test_every_method_has_a_paper_config():
 
 
 def test_overrides_and_bad_values():
-  c = colored_mnist._apply_overrides(
+  c = common.apply_overrides(
       configs.get_config("erm", "quick"),
       ["lr=0.5", "data.data_num=123"])
   assert c.lr == 0.5 and c.data.data_num == 123
   with pytest.raises(ValueError, match="expected key=value"):
-    colored_mnist._apply_overrides(configs.get_config("erm", "quick"),
+    common.apply_overrides(configs.get_config("erm", "quick"),
                                    ["lr"])
   with pytest.raises(ValueError, match="unknown preset"):
     configs.get_config("erm", "huge")
@@ -71,3 +72,46 @@ def test_results_are_written_atomically(tmp_path):
   umask = os.umask(0)
   os.umask(umask)
   assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_cifar_mnist_quick_run_grid_and_resume(tmp_path):
+  from experiments import cifar_mnist  # pylint: disable=g-import-not-at-top
+  import jirm  # pylint: disable=g-import-not-at-top
+  sources = jirm.data.synthetic_cifar_mnist_sources(300)
+  out = str(tmp_path / "cifar")
+  kw = dict(preset="quick", model="tiny", envs=2, restarts=1, seed=0,
+            output_dir=out, overrides=["epochs=1", "data.train_num=200",
+                                       "data.test_num=50"],
+            progress=False, sources=sources)
+  cifar_mnist.run(("erm", "invrat_ec_h"), **kw)
+  cifar_mnist.run(("invrat_eb",), grid=["embed_dim=4,8"], **kw)
+  records = results_lib.read_jsonl(os.path.join(out, "results.jsonl"))
+  assert len(records) == 4 * 3
+  last = [r for r in records if r["selection"] == "last"]
+  assert {(r["method"], r["note"]) for r in last} == {
+      ("erm", ""), ("invrat_ec_h", ""), ("invrat_eb", "embed_dim=4"),
+      ("invrat_eb", "embed_dim=8")}
+  for r in last:
+    assert r["pretrained"] == "none (trained from scratch)"
+    assert r["envs"] == "2env" and r["model"] == "tiny"
+    assert r["data"]["train_sizes"] == [90, 90]
+  inv = [r for r in last if r["method"] == "invrat_ec_h"][0]
+  assert inv["head_update"] == "frozen" and "invrat" in inv["objective"]
+  summary = open(os.path.join(out, "summary.md")).read()
+  assert "| invrat_eb[embed_dim=8] | quick | last | 1 |" in summary
+  # Resume: nothing new to run.
+  cifar_mnist.run(("erm",), **kw)
+  assert len(results_lib.read_jsonl(os.path.join(out, "results.jsonl"))) == 12
+
+
+def test_cifar_mnist_cli_reports_missing_data(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.cifar_mnist", "--method=erm",
+       "--preset=quick", f"--data_dir={tmp_path}/nothing",
+       f"--output_dir={tmp_path}/out"], capture_output=True, text=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 2
+  assert proc.stderr.startswith("error: prepared tfds dataset 'mnist'")
+  assert not os.path.exists(f"{tmp_path}/out/results.jsonl")
