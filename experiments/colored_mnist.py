@@ -29,6 +29,8 @@ from jirm import results as results_lib
 
 METHODS_ALL = ("erm", "oracle", "irmv1", "vrex", "mm_rex", "rvp", "irm_tv_l1",
                "bayesian_irm")
+# The original IRM games (Ahuja et al. 2020); run with --method=irm_game_f.
+GAME_METHODS = ("irm_game_f", "irm_game_v")
 PUBLISHED = {
     "erm": "87.4 ± 0.2 / 17.1 ± 0.6",
     "oracle": "73.5 ± 0.2 / 73.0 ± 0.4",
@@ -85,6 +87,25 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
                 checkpoint_dir=None):
   """Trains one restart; returns one record per selection rule."""
   t0 = time.time()
+  if config.method in GAME_METHODS:
+    from jirm import irm_games  # pylint: disable=g-import-not-at-top
+    splits = jirm.data.colored_mnist(
+        seed, variant=config.data.variant, data_num=config.data.data_num,
+        num_envs=config.data.num_envs, label_noise=config.data.label_noise,
+        test_e=config.data.test_e, val=config.data.val, data_dir=data_dir,
+        mnist=mnist)
+    g = config.game
+    res = irm_games.fit(
+        splits, variant=g.variant, steps=config.steps, seed=seed,
+        warm_start=g.warm_start, threshold=g.threshold,
+        eval_every=config.eval_every, progress=progress,
+        desc=f"{config.method} seed {seed}", checkpoint_dir=checkpoint_dir,
+        checkpoint_every=config.checkpoint_every,
+        hidden_dim=config.hidden_dim, depth=config.depth, lr=config.lr,
+        rep_lr_scale=g.rep_lr_scale, batch_size=config.batch_size or None)
+    return common.records_from_fit(res, config, seed,
+                                   f"irm_game(variant={g.variant})",
+                                   splits.info, time.time() - t0)
   splits, model, objective, optimizer = build_run(config, data_dir, seed,
                                                   mnist)
   res = jirm.fit(splits, model=model, objective=objective,
@@ -131,7 +152,8 @@ def main(argv):
   methods = (METHODS_ALL if FLAGS.method == "all" else
              tuple(m.strip() for m in FLAGS.method.split(",")))
   for m in methods:
-    jirm.methods.get(m)
+    if m not in GAME_METHODS:
+      jirm.methods.get(m)
   try:
     run(methods, FLAGS.preset, FLAGS.restarts, FLAGS.seed, FLAGS.output_dir,
         FLAGS.data_dir, FLAGS.set, FLAGS.progress)

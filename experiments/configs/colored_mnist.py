@@ -97,6 +97,17 @@ def get_config(method: str = "irmv1", preset: str = "paper"):
     c.penalty_options = ml_collections.ConfigDict(dict(prior_sd_coef=1200.0))
     c.note = ("BIRM release flags (auto_CMNIST.sh): Lin et al. ColoredMNIST "
               "20k, 1500 steps, prior_sd_coef 1200, lin schedule.")
+  elif method in ("irm_game_f", "irm_game_v"):
+    # Ahuja et al. 2020 (IRM games): round-robin players with own Adams,
+    # minibatches of 256, warm start then termination at train acc < 0.6.
+    c.update(dict(hidden_dim=390, l2=0.0, lr=2.5e-4, steps=3000,
+                  batch_size=256, eval_every=50))
+    c.game = ml_collections.ConfigDict(dict(
+        variant=method[-1], warm_start=1000, threshold=0.6,
+        rep_lr_scale=0.1))
+    c.note = ("IRM games (Ahuja et al. 2020): no SPEC anchor numbers; flags "
+              "as in the paper's description (lr 2.5e-4, batch 256, warm "
+              "start 1000, stop when train acc < 0.6).")
   else:
     raise ValueError(f"no ColoredMNIST config for method {method!r}.")
   if preset == "quick":
@@ -105,6 +116,9 @@ def get_config(method: str = "irmv1", preset: str = "paper"):
     c.steps = 30
     c.anneal = min(c.anneal, 10)
     c.eval_every = 5
+    if "game" in c:
+      c.game.warm_start = 10
+      c.batch_size = 64
   elif preset != "paper":
     raise ValueError(f"unknown preset {preset!r}; choose 'paper' or 'quick'.")
   return c
