@@ -112,10 +112,22 @@ def build_run(config, seed=0, data_dir=None, sources=None):
     game = deep.irm_game(lr=config.inner_lr, momentum=config.inner_momentum,
                          num_inners=config.num_inners)
     head_update = "inner"
+  steps = config.epochs * steps_per_epoch
+  if config.lr_schedule == "cosine":
+    lr = optax.cosine_decay_schedule(config.lr, steps)
+  elif config.lr_schedule == "step":
+    third = max(config.epochs // 3, 1) * steps_per_epoch
+    lr = optax.exponential_decay(config.lr, third, config.step_gamma,
+                                 staircase=True)
+  elif config.lr_schedule == "constant":
+    lr = config.lr
+  else:
+    raise ValueError(f"lr_schedule={config.lr_schedule!r}: use 'cosine', "
+                     f"'step' or 'constant'.")
   if config.optimizer == "adam":
-    optimizer = optax.adam(config.lr)
+    optimizer = optax.adam(lr)
   elif config.optimizer == "sgd":
-    optimizer = optax.sgd(config.lr, config.momentum)
+    optimizer = optax.sgd(lr, config.momentum)
   else:
     raise ValueError(f"optimizer={config.optimizer!r}: use 'adam' or 'sgd'.")
   init_params = None
@@ -123,7 +135,7 @@ def build_run(config, seed=0, data_dir=None, sources=None):
     from jirm import convert  # pylint: disable=g-import-not-at-top
     init_params = convert.load_torchvision_resnet(config.pretrained,
                                                   config.model)
-  fit_kw = dict(steps=config.epochs * steps_per_epoch,
+  fit_kw = dict(steps=steps,
                 batch_size=config.batch_size, game=game,
                 anneal_step=anneal_step, head_update=head_update,
                 init_params=init_params, eval_every=config.eval_every,

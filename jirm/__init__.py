@@ -8,14 +8,18 @@ Compose objectives from pure terms and train them with a jitted step::
 """
 
 from jirm import data
+from jirm import deep
+from jirm import irm_games
 from jirm import methods
 from jirm import models
 from jirm import objectives
+from jirm import resnet
+from jirm import results
 from jirm import schedules
 from jirm import train
 from jirm.objectives import (Objective, Outputs, Term, bayesian_irm, env_risks,
-                             erm, irm_tv_l1, irm_tv_l2, irmv1, l2, mm_rex, rvp,
-                             vrex)
+                             erm, irm_tv_l1, irm_tv_l2, irmv1, irmv1_head, l2,
+                             mm_rex, rvp, vrex)
 from jirm.schedules import PenaltySchedule
 from jirm.train import fit
 
