@@ -106,7 +106,7 @@ def build_run(config, seed=0, data_dir=None, sources=None):
     game = (deep.invrat_eb(embed_dim=config.embed_dim,
                            hidden=config.eb_hidden, **kw)
             if m == "invrat_eb" else deep.invrat_ec(m[-1], **kw))
-    objective = objective + sched * game.term
+    objective = objective + sched * game.term(env_grad=config.env_grad)
     head_update = "frozen"
   elif m == "irm_game":
     game = deep.irm_game(lr=config.inner_lr, momentum=config.inner_momentum,

@@ -61,6 +61,7 @@ def base() -> ml_collections.ConfigDict:
   c.inner_momentum = 0.9
   c.num_inners = 1
   c.gap_scale = 1.0
+  c.env_grad = True         # InvRat: L_env sends gradient into the encoder.
   c.embed_dim = 128
   c.eb_hidden = 512
   c.eval_every = 35
