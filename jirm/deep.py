@@ -607,21 +607,11 @@ def fit(splits: data_lib.EnvSplits, *, model: DeepModel,
                                  chunk=100 if transform == "irmbed" else 500,
                                  transform=transform))
 
-  def evaluate(state, aux):
-    row = {"step": int(state.step)}
-    for name, arrays in evals.items():
-      row[f"{name}_acc_E"] = eval_fn(state.params, state.batch_stats, arrays)
-    row.update(aux)
-    return row
-
-  state, history = train_lib.run_loop(
-      state, lambda s: step_fn(s, train), evaluate, steps=steps,
-      eval_every=eval_every, progress=progress, desc=desc,
+  state, history, env_names = train_lib.train_and_evaluate(
+      state, step_fn, splits,
+      lambda st, d: eval_fn(st.params, st.batch_stats, d), evals, train,
+      steps=steps, eval_every=eval_every, progress=progress, desc=desc,
       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
-  env_names = dict(train=list(splits.train.names),
-                   test=list(splits.test.names))
-  if splits.val is not None:
-    env_names["val"] = list(splits.val.names)
   return train_lib.FitResult((state.params, state.batch_stats), history,
                              train_lib.select(history, env_names), env_names,
                              time.time() - t0)

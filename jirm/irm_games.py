@@ -181,9 +181,6 @@ def fit(splits: data_lib.EnvSplits, *, variant: str = "f", steps: int = 3000,
   t0 = time.time()
   game = irm_game(variant=variant, task=splits.task, **game_kwargs)
   train = train_lib.EnvArrays.from_envs(splits.train)
-  evals = {"train": train, "test": train_lib.EnvArrays.from_envs(splits.test)}
-  if splits.val is not None:
-    evals["val"] = train_lib.EnvArrays.from_envs(splits.val)
   state = game.init(jax.random.key(seed), train.x[0, :1],
                     splits.train.num_envs)
   step_fn = jax.jit(game.step, donate_argnums=0)
@@ -195,21 +192,10 @@ def fit(splits: data_lib.EnvSplits, *, variant: str = "f", steps: int = 3000,
     return objectives.accuracy(logits.reshape(e, n, -1), d.y, d.valid,
                                splits.task)
 
-  def evaluate(state, aux):
-    row = {"step": int(state.step)}
-    for name, arrays in evals.items():
-      row[f"{name}_acc_E"] = eval_fn(state.players, state.rep, arrays)
-    row.update(aux)
-    return row
-
-  state, history = train_lib.run_loop(
-      state, lambda s: step_fn(s, train), evaluate, steps=steps,
-      eval_every=eval_every, progress=progress, desc=desc,
+  state, history, env_names = train_lib.train_and_evaluate(
+      state, step_fn, splits, lambda st, d: eval_fn(st.players, st.rep, d),
+      train=train, steps=steps, eval_every=eval_every, progress=progress, desc=desc,
       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
-  env_names = dict(train=list(splits.train.names),
-                   test=list(splits.test.names))
-  if splits.val is not None:
-    env_names["val"] = list(splits.val.names)
   selections = train_lib.select(history, env_names)
   train_acc = history["train_acc_E"].mean(1)
   fired = np.flatnonzero((history["step"] >= warm_start) &

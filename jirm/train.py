@@ -250,8 +250,6 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
   t0 = time.time()
   task = splits.task
   train = EnvArrays.from_envs(splits.train)
-  test = EnvArrays.from_envs(splits.test)
-  val = None if splits.val is None else EnvArrays.from_envs(splits.val)
   k_init, k_train = jax.random.split(jax.random.key(seed))
   params = model.init(k_init, train.x[0, :1])
   state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
@@ -261,26 +259,57 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
                     donate_argnums=0)
   eval_fn = jax.jit(make_eval_fn(model.apply, task))
 
+  state, history, env_names = train_and_evaluate(
+      state, step_fn, splits, lambda st, d: eval_fn(st.params, d)[0],
+      train=train, steps=steps, eval_every=eval_every, progress=progress, desc=desc,
+      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+  return FitResult(state.params, history, select(history, env_names),
+                   env_names, time.time() - t0)
+
+
+def env_names_of(splits: data_lib.EnvSplits) -> dict:
+  """``{'train': [...], 'test': [...], 'val': [...]}`` env names."""
+  names = dict(train=list(splits.train.names), test=list(splits.test.names))
+  if splits.val is not None:
+    names["val"] = list(splits.val.names)
+  return names
+
+
+def train_and_evaluate(state, step_fn, splits: data_lib.EnvSplits, acc_fn,
+                       evals: Optional[dict] = None,
+                       train: Optional[EnvArrays] = None, **loop_kwargs):
+  """:func:`run_loop` with the standard evaluation rows.
+
+  Args:
+    state: initial state.
+    step_fn: ``(state, train_arrays) -> (state, aux)`` (jitted).
+    splits: the environments; training uses all of ``splits.train``.
+    acc_fn: ``(state, EnvArrays) -> acc_E``.
+    evals: name -> EnvArrays to evaluate (default train / test / val).
+    train: ``splits.train`` as device arrays, if already made.
+    **loop_kwargs: steps, eval_every, progress, desc, checkpoint_dir,
+      checkpoint_every.
+
+  Returns:
+    ``(state, history, env_names)``.
+  """
+  if train is None:
+    train = EnvArrays.from_envs(splits.train)
+  if evals is None:
+    evals = {"train": train, "test": EnvArrays.from_envs(splits.test)}
+    if splits.val is not None:
+      evals["val"] = EnvArrays.from_envs(splits.val)
+
   def evaluate(state, aux):
-    row = {"step": int(state.step),
-           "train_acc_E": eval_fn(state.params, train)[0],
-           "test_acc_E": eval_fn(state.params, test)[0]}
-    if val is not None:
-      row["val_acc_E"] = eval_fn(state.params, val)[0]
+    row = {"step": int(state.step)}
+    for name, arrays in evals.items():
+      row[f"{name}_acc_E"] = acc_fn(state, arrays)
     row.update(aux)
     return row
 
   state, history = run_loop(state, lambda s: step_fn(s, train), evaluate,
-                            steps=steps, eval_every=eval_every,
-                            progress=progress, desc=desc,
-                            checkpoint_dir=checkpoint_dir,
-                            checkpoint_every=checkpoint_every)
-  env_names = dict(train=list(splits.train.names),
-                   test=list(splits.test.names))
-  if splits.val is not None:
-    env_names["val"] = list(splits.val.names)
-  return FitResult(state.params, history, select(history, env_names),
-                   env_names, time.time() - t0)
+                            **loop_kwargs)
+  return state, history, env_names_of(splits)
 
 
 def run_loop(state, step_fn, evaluate, *, steps: int, eval_every: int,

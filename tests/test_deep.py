@@ -360,6 +360,14 @@ def test_every_deep_method_runs_and_its_penalty_moves_the_encoder(sources):
     assert sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g)) > 0, method
 
 
+def _initial_state(model, game, opt, batch):
+  params, stats = model.init(jax.random.key(0), batch.x[0, :1])
+  return deep.DeepState(jnp.zeros((), jnp.int32), params, stats,
+                        opt.init(params),
+                        game.init(None, params["head"], 16, 2),
+                        jax.random.key(0))
+
+
 def test_deep_step_traces_once():
   model = deep.deep_model("tiny")
   game = deep.invrat_ec("h", num_inners=3)
@@ -367,11 +375,7 @@ def test_deep_step_traces_once():
   obj = O.erm(reduction="pooled") + sched * game.term
   opt = optax.adam(1e-3)
   batch = _tiny_batch(b=16)
-  params, stats = model.init(jax.random.key(0), batch.x[0, :1])
-  state = deep.DeepState(jnp.zeros((), jnp.int32), params, stats,
-                         opt.init(params),
-                         game.init(None, params["head"], 16, 2),
-                         jax.random.key(0))
+  state = _initial_state(model, game, opt, batch)
   step = chex.assert_max_traces(
       deep.make_step(model, obj, opt, batch_size=8, game=game,
                      anneal_step=1, head_update="frozen"), n=1)
@@ -387,11 +391,7 @@ def test_frozen_head_does_not_move_after_anneal():
   obj = O.erm(reduction="pooled") + 10.0 * game.term
   opt = optax.sgd(0.1)
   batch = _tiny_batch(b=16)
-  params, stats = model.init(jax.random.key(0), batch.x[0, :1])
-  state = deep.DeepState(jnp.zeros((), jnp.int32), params, stats,
-                         opt.init(params),
-                         game.init(None, params["head"], 16, 2),
-                         jax.random.key(0))
+  state = _initial_state(model, game, opt, batch)
   step = jax.jit(deep.make_step(model, obj, opt, batch_size=8, game=game,
                                 anneal_step=1, head_update="frozen"))
   s1, _ = step(state, batch)      # step 0: before anneal, head trains.
