@@ -38,3 +38,29 @@ def test_short_irmv1_beats_erm_on_the_test_env():
   assert erm["test_acc"] < 0.35, erm
   assert irm["test_acc"] > erm["test_acc"] + 0.2, (irm, erm)
   assert np.isfinite(irm["train_acc"])
+
+
+def _has(name):
+  d = _data_dir()
+  return d is not None and os.path.isdir(os.path.join(d, name))
+
+
+@pytest.mark.skipif(not _has("cifar10"), reason="no prepared tfds cifar10")
+@pytest.mark.parametrize("envs,ratios,test_num", [
+    ("2env", (0.999, 0.8), 1800), ("4env", (0.999, 0.95, 0.9, 0.8), 1800),
+    ("birm", (0.999, 0.7), 1000)])
+def test_cifar_mnist_on_real_data(envs, ratios, test_num):
+  s = jirm.data.cifar_mnist(0, envs=envs, val="none", data_dir=_data_dir())
+  per_env = 10_000 // len(ratios)
+  assert s.train.x.shape == (len(ratios), per_env, 64, 32, 3)
+  assert s.test.sizes == (test_num,)
+  assert 0.0 <= s.train.x.min() and s.train.x.max() <= 1.0
+  for e, r in enumerate(ratios):
+    y, agree = s.train.y[e], s.train.agree[e]
+    assert y.sum() == per_env // 2
+    assert agree[y == 1].sum() == int(per_env // 2 * r)
+    assert agree[y == 0].sum() == int((per_env - per_env // 2) * r)
+  assert s.test.agree[0].sum() == 2 * int(test_num // 2 * 0.1)
+  # The MNIST half is a 0/1 digit padded by 2 pixels; the bottom is CIFAR.
+  assert np.all(s.train.x[:, :, :2] == 0)
+  assert s.train.x[:, :, 40:].std() > 0.1
