@@ -25,7 +25,6 @@ from experiments import common
 from experiments.configs import cifar_mnist as configs
 import jirm
 from jirm import deep
-from jirm import objectives
 from jirm import results as results_lib
 from jirm import schedules
 
@@ -69,22 +68,16 @@ def define_flags():
   flags.DEFINE_bool("report_only", False, "Only rewrite summary.md/curves.png.")
 
 
-_BASE_TERM = {"irmv1": objectives.irmv1(variant="split_perm"),
-              "rex": objectives.vrex, "rvp": objectives.rvp,
-              "irmv1_h": objectives.irmv1_head}
-
-
 def build_run(config, seed=0, data_dir=None, sources=None):
   """Config -> (splits, model, objective, optimizer, fit kwargs)."""
-  m = config.method
+  method = deep.DEEP_METHODS[config.method]
   d = config.data
   splits = jirm.data.cifar_mnist(
-      seed, envs=d.envs, label_noise=d.label_noise, oracle=(m == "oracle"),
+      seed, envs=d.envs, label_noise=d.label_noise, oracle=method.oracle,
       val=d.val, val_fraction=d.val_fraction, train_num=d.train_num,
       test_num=d.test_num or None, data_dir=data_dir, sources=sources)
   num_envs = splits.train.num_envs
-  head = {"invrat_eb": "mlp", "irm_game": "ensemble"}.get(m, "linear")
-  model = deep.deep_model(config.model, head=head, num_envs=num_envs,
+  model = deep.deep_model(config.model, head=method.head, num_envs=num_envs,
                           stem=config.stem, lowering=config.lowering,
                           width=config.width or None,
                           head_hidden=config.eb_hidden)
@@ -93,25 +86,12 @@ def build_run(config, seed=0, data_dir=None, sources=None):
   sched = schedules.preset("irmbed", weight=config.penalty_weight,
                            anneal=config.anneal_epochs, ramp=config.ramp,
                            steps_per_epoch=steps_per_epoch)
-  objective = objectives.erm(reduction="pooled") * 1.0
-  if config.l2:
-    objective = objective + config.l2 * objectives.l2
-  game, head_update = None, "total"
-  if m in _BASE_TERM:
-    objective = objective + sched * _BASE_TERM[m]
-    head_update = "erm"
-  elif m.startswith("invrat"):
-    kw = dict(lr=config.inner_lr, momentum=config.inner_momentum,
-              num_inners=config.num_inners, gap_scale=config.gap_scale)
-    game = (deep.invrat_eb(embed_dim=config.embed_dim,
-                           hidden=config.eb_hidden, **kw)
-            if m == "invrat_eb" else deep.invrat_ec(m[-1], **kw))
-    objective = objective + sched * game.term(env_grad=config.env_grad)
-    head_update = "frozen"
-  elif m == "irm_game":
-    game = deep.irm_game(lr=config.inner_lr, momentum=config.inner_momentum,
-                         num_inners=config.num_inners)
-    head_update = "inner"
+  objective, game = deep.build_method(
+      config.method, schedule=sched, l2=config.l2, inner_lr=config.inner_lr,
+      inner_momentum=config.inner_momentum, num_inners=config.num_inners,
+      gap_scale=config.gap_scale, env_grad=config.env_grad,
+      embed_dim=config.embed_dim, eb_hidden=config.eb_hidden)
+  head_update = method.head_update
   steps = config.epochs * steps_per_epoch
   if config.lr_schedule == "cosine":
     lr = optax.cosine_decay_schedule(config.lr, steps)

@@ -355,6 +355,92 @@ def irm_game(*, lr: float = 0.01, momentum: float = 0.9,
 
 
 # ----------------------------------------------------------------------------
+# Registry of deep methods (IRMBed Table 1).
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepMethod:
+  """A method of the deep-model study.
+
+  Attributes:
+    name: registry key.
+    reference: paper / anchor.
+    penalty: stateless penalty term (IRMv1, REx, RVP, IRMv1(h)) or None.
+    game: ``name -> Game`` factory key (``'invrat_ec_h'``, ...) or None.
+    head: head kind for :func:`deep_model`.
+    head_update: IRMBed's head training rule (see :func:`make_step`).
+    oracle: trains on data with the spurious half blanked.
+  """
+
+  name: str
+  reference: str
+  penalty: Optional[objectives.Term] = None
+  game: Optional[str] = None
+  head: str = "linear"
+  head_update: str = "total"
+  oracle: bool = False
+
+
+DEEP_METHODS = {m.name: m for m in (
+    DeepMethod("oracle", "ERM on CIFAR-MNIST with a blank MNIST half",
+               oracle=True),
+    DeepMethod("erm", "ERM"),
+    DeepMethod("irmv1", "IRMv1(o), Arjovsky et al. 2019 (IRMBed split_perm)",
+               objectives.irmv1(variant="split_perm"), head_update="erm"),
+    DeepMethod("rex", "REx(o), Krueger et al. 2021", objectives.vrex,
+               head_update="erm"),
+    DeepMethod("rvp", "RVP(o), IRMBed", objectives.rvp, head_update="erm"),
+    DeepMethod("irmv1_h", "IRMv1(h) on the real head (IRMBed irmv1fc)",
+               objectives.irmv1_head, head_update="erm"),
+    DeepMethod("irm_game", "IRMGame(h), Ahuja et al. 2020 (IRMBed)",
+               game="irm_game", head="ensemble", head_update="inner"),
+    DeepMethod("invrat_eb", "InvRat-EB(h), Chang et al. 2020 (IRMBed)",
+               game="invrat_eb", head="mlp", head_update="frozen"),
+    DeepMethod("invrat_ec_o", "InvRat-EC(o), Chang et al. 2020 (IRMBed)",
+               game="invrat_ec_o", head_update="frozen"),
+    DeepMethod("invrat_ec_h", "InvRat-EC(h), Chang et al. 2020 (IRMBed)",
+               game="invrat_ec_h", head_update="frozen"),
+)}
+
+
+def build_method(name: str, *, schedule=None, l2: float = 0.0,
+                 inner_lr: float = 0.01, inner_momentum: float = 0.9,
+                 num_inners: int = 1, gap_scale: float = 1.0,
+                 env_grad: bool = True, embed_dim: int = 128,
+                 eb_hidden: int = 512):
+  """``(objective, game)`` of a registered deep method.
+
+  The objective is ``erm(pooled) [+ l2 * l2] [+ schedule * penalty]``; for
+  InvRat the penalty is the game's term. Keyword arguments configure the
+  games (see :func:`invrat_ec`, :func:`invrat_eb`, :func:`irm_game`).
+  """
+  if name not in DEEP_METHODS:
+    raise ValueError(f"unknown deep method {name!r}; choose one of "
+                     f"{sorted(DEEP_METHODS)}.")
+  m = DEEP_METHODS[name]
+  objective = objectives.erm(reduction="pooled") * 1.0
+  if l2:
+    objective = objective + l2 * objectives.l2
+  game = None
+  inner = dict(lr=inner_lr, momentum=inner_momentum, num_inners=num_inners)
+  if m.game == "irm_game":
+    game = irm_game(**inner)
+  elif m.game == "invrat_eb":
+    game = invrat_eb(embed_dim=embed_dim, hidden=eb_hidden,
+                     gap_scale=gap_scale, **inner)
+  elif m.game is not None:
+    game = invrat_ec(m.game[-1], gap_scale=gap_scale, **inner)
+  penalty = m.penalty
+  if game is not None and game.term is not None:
+    penalty = game.term(env_grad=env_grad)
+  if penalty is not None:
+    if schedule is None:
+      raise ValueError(f"method {name!r} needs a penalty schedule.")
+    objective = objective + schedule * penalty
+  return objective, game
+
+
+# ----------------------------------------------------------------------------
 # Training.
 
 
