@@ -147,6 +147,8 @@ def write_reports(output_dir):
   records = results_lib.read_jsonl(os.path.join(output_dir, "results.jsonl"))
   if not records:
     return
+  order = {m: i for i, m in enumerate(configs.METHODS)}  # Table 1's rows.
+  records = sorted(records, key=lambda r: order.get(r["method"], len(order)))
   for r in records:  # Grid points are reported as separate rows.
     if r.get("note"):
       r["method"] = f"{r['method']}[{r['note']}]"
