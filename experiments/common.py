@@ -49,7 +49,7 @@ def run_restarts(configs, restarts, seed, output_dir, run_restart, report,
   path = os.path.join(os.path.abspath(output_dir), "results.jsonl")
   for config in configs:
     key = tuple(str(_get(config, f)) for f in key_fields)
-    name = "-".join(key)
+    name = "-".join(k for k in key if k)
     for s in range(seed, seed + restarts):
       done = {tuple(str(r.get(f.split(".")[-1])) for f in key_fields) +
               (r["seed"],)
