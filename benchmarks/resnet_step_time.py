@@ -16,6 +16,7 @@ variants alike; the median per variant is reported):
 
 from __future__ import annotations
 
+import os
 import time
 
 from absl import app
@@ -27,12 +28,17 @@ import optax
 
 from jirm import deep
 from jirm import objectives as O
+from jirm import runtime
 from jirm import train as train_lib
 
 flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds.")
 flags.DEFINE_integer("steps_per_round", 3, "Steps per variant per round.")
 flags.DEFINE_bool("methods", True, "Also time every method against ERM.")
 flags.DEFINE_bool("torch", True, "Time PyTorch (skipped if not installed).")
+flags.DEFINE_bool("configure_cpu", True,
+                  "Call jirm.runtime.configure_cpu() first (its host-memory "
+                  "setting applies to jirm and torch alike).")
+flags.DEFINE_list("archs", ["resnet18", "resnet50"], "Architectures to time.")
 FLAGS = flags.FLAGS
 
 
@@ -133,8 +139,13 @@ def _time(fns, rounds, steps):
 
 def main(argv):
   del argv
+  if FLAGS.configure_cpu:
+    print("jirm.runtime.configure_cpu():", runtime.configure_cpu(),
+          "XLA_FLAGS:", os.environ.get("XLA_FLAGS"))
   fns = {}
   for arch, batch in (("resnet18", 128), ("resnet50", 32)):
+    if arch not in FLAGS.archs:
+      continue
     fns[f"{arch}/jirm_auto"] = _jax_step(arch, batch, "auto")
     fns[f"{arch}/jirm_xla"] = _jax_step(arch, batch, "xla")
     if FLAGS.torch:
@@ -145,6 +156,8 @@ def main(argv):
   t = _time(fns, FLAGS.rounds, FLAGS.steps_per_round)
   print(f"jax {jax.__version__}, {jax.device_count()} CPU device(s)")
   for arch, batch, target in (("resnet18", 128, 1.0), ("resnet50", 32, 0.9)):
+    if arch not in FLAGS.archs:
+      continue
     line = (f"{arch} batch {batch}: jirm auto {t[arch + '/jirm_auto']:.3f} s,"
             f" jirm xla {t[arch + '/jirm_xla']:.3f} s")
     if arch + "/torch" in t:

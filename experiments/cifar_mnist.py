@@ -205,6 +205,7 @@ def run(methods, preset, model, envs, restarts, seed, output_dir,
 
 def main(argv):
   del argv
+  jirm.runtime.configure_cpu()  # Before any JAX computation.
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   if FLAGS.report_only:

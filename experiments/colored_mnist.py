@@ -144,6 +144,7 @@ def write_reports(output_dir):
 
 def main(argv):
   del argv
+  jirm.runtime.configure_cpu()  # Before any JAX computation.
   if not FLAGS["verbosity"].present:  # Keep tfds/orbax INFO chatter out.
     logging.set_verbosity(logging.WARNING)
   if FLAGS.report_only:

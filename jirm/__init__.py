@@ -15,6 +15,7 @@ from jirm import models
 from jirm import objectives
 from jirm import resnet
 from jirm import results
+from jirm import runtime
 from jirm import schedules
 from jirm import train
 from jirm.objectives import (Objective, Outputs, Term, bayesian_irm, env_risks,

@@ -35,6 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jirm import runtime
+
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu').
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -67,9 +69,12 @@ def conv2d(x_NHWC, kernel_HWIO, stride: int = 1, pad: int = 0,
     pad: zero padding on each side.
     lowering: ``'xla'`` (``lax.conv_general_dilated``), ``'patches'`` (patches
       + one matmul) or ``'auto'``: patches for 1x1 kernels, strided
-      convolutions, inputs with at most 4 channels (the stem) and output maps
-      of at most ``max_patch_hw`` pixels; XLA's convolution otherwise (the
-      rule measured fastest on CPU, see ``benchmarks/resnet_step_time.py``).
+      convolutions (but the 7x7 stem) and output maps of at most
+      ``max_patch_hw`` pixels; XLA's convolution otherwise. The stem (at most
+      4 input channels) uses XLA's convolution when
+      :func:`jirm.runtime.configure_cpu` routed it to Eigen, patches
+      otherwise. This is the rule measured fastest on CPU (see
+      ``benchmarks/resnet_step_time.py``); use ``'xla'`` on GPU/TPU.
     max_patch_hw: threshold of ``'auto'``.
 
   Returns:
@@ -80,15 +85,18 @@ def conv2d(x_NHWC, kernel_HWIO, stride: int = 1, pad: int = 0,
   kh, kw, cin, cout = kernel_HWIO.shape
   h, w = x_NHWC.shape[1] + 2 * pad, x_NHWC.shape[2] + 2 * pad
   out_hw = ((h - kh) // stride + 1) * ((w - kw) // stride + 1)
+  stem = cin <= 4 and not runtime.eigen_convolutions()
   use_patches = lowering == "patches" or (
-      lowering == "auto" and (kh == kw == 1 or stride > 1 or cin <= 4 or
-                              out_hw <= max_patch_hw))
+      lowering == "auto" and (kh == kw == 1 or stride > 1 and kh < 7 or stem
+                              or out_hw <= max_patch_hw))
   if not use_patches:
     return jax.lax.conv_general_dilated(
         x_NHWC, kernel_HWIO, (stride, stride), ((pad, pad), (pad, pad)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
   cols = _patches(x_NHWC, kh, kw, stride, pad)
-  return cols @ kernel_HWIO.reshape(kh * kw * cin, cout)
+  # A 2-D matmul: XLA's CPU dot is ~3x slower on the 4-D form's transpose.
+  out = cols.reshape(-1, kh * kw * cin) @ kernel_HWIO.reshape(-1, cout)
+  return out.reshape(*cols.shape[:3], cout)
 
 
 class Conv2d(nn.Module):
@@ -109,27 +117,126 @@ class Conv2d(nn.Module):
 
 
 def max_pool_3x3_s2(x_NHWC):
-  """``nn.MaxPool2d(3, 2, padding=1)`` as a maximum of 9 strided slices.
+  """``nn.MaxPool2d(3, 2, padding=1)``, separably: rows, then columns.
 
-  Same values as ``flax.linen.max_pool``; its gradient is 5x cheaper on CPU
-  than XLA's select-and-scatter.
+  Same values as ``flax.linen.max_pool``. Each axis pass reshapes the axis
+  into pairs (free) and takes the maximum of the pair and the previous
+  pair's second element, so forward and backward are a few elementwise
+  passes instead of XLA's select-and-scatter (the stem's pool went from
+  70 ms to 10 ms per ResNet-18 step here).
   """
-  x = jnp.pad(x_NHWC, ((0, 0), (1, 1), (1, 1), (0, 0)),
-              constant_values=-jnp.inf)
-  h, w = x.shape[1:3]
-  oh, ow = (h - 3) // 2 + 1, (w - 3) // 2 + 1
-  out = None
-  for i in range(3):
-    for j in range(3):
-      s = x[:, i:i + 2 * (oh - 1) + 1:2, j:j + 2 * (ow - 1) + 1:2]
-      out = s if out is None else jnp.maximum(out, s)
-  return out
+  return _pool_axis(_pool_axis(x_NHWC, 1), 2)
+
+
+def _pool_axis(x, axis):
+  # out[i] = max(x[2i - 1], x[2i], x[2i + 1]) with -inf outside.
+  if x.shape[axis] % 2:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, 1)
+    x = jnp.pad(x, pad, constant_values=-jnp.inf)
+  shape = list(x.shape)
+  shape[axis:axis + 1] = [shape[axis] // 2, 2]
+  pairs = x.reshape(shape)
+  even = jax.lax.index_in_dim(pairs, 0, axis + 1, keepdims=False)
+  odd = jax.lax.index_in_dim(pairs, 1, axis + 1, keepdims=False)
+  pad = [(0, 0)] * odd.ndim
+  pad[axis] = (1, -1)
+  prev = jax.lax.pad(odd, jnp.array(-jnp.inf, odd.dtype),
+                     [(lo, hi, 0) for lo, hi in pad])
+  return jnp.maximum(jnp.maximum(even, odd), prev)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, eps: float = 1e-5):
+  """Training-mode batch normalisation over all axes but the last.
+
+  Same values as ``flax.linen.BatchNorm`` in training mode, with the
+  closed-form backward pass (two passes over ``x`` instead of autodiff's
+  eight on CPU, where each pass is a separate memory-bound kernel).
+
+  Args:
+    x: ``[..., C]`` activations.
+    scale, bias: ``[C]``.
+    eps: variance epsilon.
+
+  Returns:
+    ``(y, mean, var)``: normalised ``x`` and the (biased) batch moments,
+    which carry no gradient (use them for running statistics only).
+  """
+  return _bn_fwd(x, scale, bias, eps)[0]
+
+
+def _bcast(v_C, x):
+  return v_C.reshape((1,) * (x.ndim - 1) + (-1,))
+
+
+def _moments(x):
+  axes = tuple(range(x.ndim - 1))
+  mean = x.mean(axes, keepdims=True)
+  var = jnp.maximum((x * x).mean(axes, keepdims=True) - mean * mean, 0.0)
+  return mean, var
+
+
+def _bn_fwd(x, scale, bias, eps):
+  mean, var = _moments(x)
+  rstd = jax.lax.rsqrt(var + eps)
+  y = (x - mean) * (rstd * _bcast(scale, x)) + _bcast(bias, x)
+  c = x.shape[-1]
+  return (y, mean.reshape(c), var.reshape(c)), (x, mean, rstd, scale)
+
+
+def _bn_bwd(eps, res, cts):
+  del eps
+  x, mean, rstd, scale = res
+  g = cts[0]  # Cotangents of the moments are ignored (running stats only).
+  axes = tuple(range(x.ndim - 1))
+  n = x.size // x.shape[-1]
+  xhat = (x - mean) * rstd
+  dbias = g.sum(axes, keepdims=True)
+  dscale = (g * xhat).sum(axes, keepdims=True)
+  dx = (_bcast(scale, x) * rstd) * (g - dbias / n - xhat * (dscale / n))
+  c = x.shape[-1]
+  return dx, dscale.reshape(c), dbias.reshape(c)
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+
+
+class BatchNorm(nn.Module):
+  """``torch.nn.BatchNorm2d`` (momentum 0.1, eps 1e-5) as a Flax module.
+
+  Variables are named like ``flax.linen.BatchNorm`` (params ``scale``,
+  ``bias``; batch_stats ``mean``, ``var``). Training mode normalises with the
+  batch moments (:func:`batch_norm_train`) and updates the running statistics
+  as torch does (the running variance uses the unbiased batch variance).
+  """
+
+  use_running_average: bool = False
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,))
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,))
+    if self.use_running_average:
+      rstd = jax.lax.rsqrt(ra_var.value + self.epsilon)
+      return ((x - _bcast(ra_mean.value, x)) * _bcast(rstd * scale, x) +
+              _bcast(bias, x))
+    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+    if not self.is_initializing():
+      n = x.size // c
+      m = self.momentum
+      ra_mean.value = (1 - m) * ra_mean.value + m * mean
+      ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+    return y
 
 
 def _bn(name, train):
-  # torch BatchNorm2d(momentum=0.1, eps=1e-5) == flax momentum 0.9.
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                      epsilon=1e-5, name=name)
+  return BatchNorm(use_running_average=not train, name=name)
 
 
 class BasicBlock(nn.Module):

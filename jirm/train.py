@@ -35,7 +35,7 @@ import optax
 from jirm import data as data_lib
 from jirm import objectives
 
-SELECTION_RULES = ("last", "train_domain_val", "oracle")
+SELECTION_RULES = ("last", "train_domain_val", "oracle", "oracle_train_gt60")
 
 
 class TrainState(NamedTuple):
@@ -188,6 +188,10 @@ def select(history: dict, env_names: dict) -> dict:
   test = history["test_acc_E"].mean(1)
   val = history["val_acc_E"].mean(1) if "val_acc_E" in history else None
   picks = {"last": len(train) - 1, "oracle": int(np.argmax(test))}
+  # SparseIRM's rule: best test accuracy among points with train acc > 0.6.
+  ok = train > 0.6
+  if ok.any():
+    picks["oracle_train_gt60"] = int(np.argmax(np.where(ok, test, -np.inf)))
   if val is not None:
     picks["train_domain_val"] = int(np.argmax(val))
   out = {}
@@ -212,7 +216,7 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
         batch_size: Optional[int] = None, eval_every: int = 10,
         progress: bool = False, desc: str = "",
         checkpoint_dir: Optional[str] = None,
-        checkpoint_every: int = 100) -> FitResult:
+        checkpoint_every: int = 100, init_params=None) -> FitResult:
   """Trains ``model`` on ``splits.train`` and evaluates every environment.
 
   Args:
@@ -232,6 +236,7 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
       the resumed run equals an uninterrupted one.
     checkpoint_every: steps between checkpoints (rounded up to an evaluation
       point).
+    init_params: start from these parameters instead of a fresh init.
 
   Returns:
     A :class:`FitResult`.
@@ -251,7 +256,8 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
   task = splits.task
   train = EnvArrays.from_envs(splits.train)
   k_init, k_train = jax.random.split(jax.random.key(seed))
-  params = model.init(k_init, train.x[0, :1])
+  params = (model.init(k_init, train.x[0, :1]) if init_params is None else
+            init_params)
   state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
                      k_train)
   step_fn = jax.jit(make_train_step(model.apply, objective, optimizer,

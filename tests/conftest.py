@@ -9,6 +9,10 @@ import pytest  # pylint: disable=g-import-not-at-top
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+from jirm import runtime  # pylint: disable=g-import-not-at-top
+
+runtime.configure_cpu()  # The tests run with the experiments' CPU settings.
+
 
 SHARED_TFDS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
                                            "..", "shared",

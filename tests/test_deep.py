@@ -64,10 +64,68 @@ def test_patch_lowering_equals_xla_conv(hw, cin, cout, k, stride, pad):
     np.testing.assert_allclose(g_got, g_ref, atol=1e-4, rtol=1e-5)
 
 
-def test_max_pool_equals_flax():
-  x = jax.random.normal(jax.random.key(1), (2, 9, 6, 3))
-  ref = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
-  np.testing.assert_array_equal(resnet.max_pool_3x3_s2(x), ref)
+@pytest.mark.parametrize("shape", [(2, 9, 6, 3), (2, 8, 6, 3), (1, 1, 1, 2),
+                                   (1, 2, 3, 1)])
+def test_max_pool_equals_flax(shape):
+  x = jax.random.normal(jax.random.key(1), shape)
+  pool = lambda x: nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+  np.testing.assert_array_equal(resnet.max_pool_3x3_s2(x), pool(x))
+  # Random normal inputs have no ties: both gradients route to the argmax.
+  cot = jax.random.normal(jax.random.key(2), pool(x).shape)
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * cot))(x)
+  np.testing.assert_allclose(grad(resnet.max_pool_3x3_s2), grad(pool),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_batch_norm_matches_flax_and_torch_running_stats():
+  x = 2.0 * jax.random.normal(jax.random.key(0), (6, 5, 3, 4)) + 1.0
+  cot = jax.random.normal(jax.random.key(1), x.shape)
+  ref = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+  variables = ref.init(jax.random.key(0), x)
+  params = {"scale": jnp.array([1.0, 2.0, 0.5, -1.0]),
+            "bias": jnp.array([0.0, 0.1, -0.2, 0.3])}
+  stats = {"mean": jnp.full(4, 0.5), "var": jnp.full(4, 2.0)}
+
+  def loss(module, p, x):
+    y, upd = module.apply({"params": p, "batch_stats": stats}, x,
+                          mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(y) * cot), upd["batch_stats"]
+
+  grad = lambda m: jax.value_and_grad(
+      lambda p, x: loss(m, p, x), argnums=(0, 1), has_aux=True)(params, x)
+  (l_got, st_got), g_got = grad(resnet.BatchNorm())
+  (l_ref, _), g_ref = grad(ref)
+  np.testing.assert_allclose(l_got, l_ref, rtol=1e-5)
+  chex.assert_trees_all_close(g_got, g_ref, atol=2e-5, rtol=1e-4)
+  assert variables["batch_stats"]["var"].shape == st_got["var"].shape
+  # torch: running = 0.9 running + 0.1 batch; variance unbiased (n - 1).
+  xf = np.asarray(x).reshape(-1, 4)
+  np.testing.assert_allclose(st_got["mean"], 0.45 + 0.1 * xf.mean(0),
+                             rtol=1e-5)
+  np.testing.assert_allclose(st_got["var"], 1.8 + 0.1 * xf.var(0, ddof=1),
+                             rtol=1e-5)
+  # Eval mode normalises with the running statistics.
+  y = resnet.BatchNorm(use_running_average=True).apply(
+      {"params": params, "batch_stats": stats}, x)
+  want = ((np.asarray(x) - 0.5) / np.sqrt(2.0 + 1e-5) *
+          np.asarray(params["scale"]) + np.asarray(params["bias"]))
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+def test_runtime_flag_parsing(monkeypatch):
+  from jirm import runtime  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert not runtime.eigen_convolutions()
+  # JAX is initialised in this process: the flag cannot take effect.
+  assert not runtime.configure_cpu(host_memory=False)
+  assert "ynn" not in __import__("os").environ["XLA_FLAGS"]
+  for flags, eigen in ((" ".join(runtime.XLA_CPU_FLAGS), True),
+                       ("--xla_cpu_experimental_ynn_fusion_type=eltwise",
+                        False)):
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert runtime.eigen_convolutions() is eigen
+    assert runtime.configure_cpu(host_memory=False) is eigen
+  assert runtime.retain_host_memory()
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
