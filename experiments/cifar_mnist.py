@@ -13,7 +13,6 @@ restarts are skipped; interrupted ones resume from orbax checkpoints.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from absl import app
@@ -213,13 +212,10 @@ def main(argv):
     return
   methods = (configs.METHODS if FLAGS.method == "all" else
              tuple(m.strip() for m in FLAGS.method.split(",")))
-  try:
-    run(methods, FLAGS.preset, FLAGS.model, int(FLAGS.envs), FLAGS.restarts,
-        FLAGS.seed, FLAGS.output_dir, FLAGS.data_dir, FLAGS.set, FLAGS.grid,
-        FLAGS.progress)
-  except (jirm.data.DataError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  common.exit_on_bad_input(
+      run, methods, FLAGS.preset, FLAGS.model, int(FLAGS.envs),
+      FLAGS.restarts, FLAGS.seed, FLAGS.output_dir, FLAGS.data_dir,
+      FLAGS.set, FLAGS.grid, FLAGS.progress)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 from absl import logging
 
@@ -66,6 +67,17 @@ def run_restarts(configs, restarts, seed, output_dir, run_restart, report,
       print(f"{name} seed {s}: train {last['train_acc']:.4f} test "
             f"{last['test_acc']:.4f} ({last['wall_s']:.0f}s)", flush=True)
       report(output_dir)
+
+
+def exit_on_bad_input(fn, *args, **kwargs):
+  """Runs ``fn``; a bad flag or missing data (``ValueError``, including
+  :class:`jirm.data.DataError`) prints its message and exits with status 2
+  instead of a traceback."""
+  try:
+    return fn(*args, **kwargs)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _get(config, dotted):

@@ -90,13 +90,12 @@ def make_step(apply_fn, objective: objectives.Objective, *,
     return total, aux
 
   def step_fn(state: SparseState, data: train_lib.EnvArrays):
-    k_batch, k_loss = jax.random.split(jax.random.fold_in(state.rng,
-                                                          state.step))
+    k_loss = jax.random.fold_in(state.rng, state.step)
+    # epoch_batch folds the epoch index into one fixed key of the run.
     batch = data if batch_size is None else train_lib.epoch_batch(
-        data, jax.random.fold_in(state.rng, -1), state.step, batch_size)
+        data, jax.random.split(state.rng)[1], state.step, batch_size)
     (g_w, g_s), aux = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(
         state.params, state.scores, batch, k_loss, state.step)
-    del k_batch
     w_state = state.w_opt_state
     if reset_step is not None:
       w_state = jax.tree.map(
@@ -175,12 +174,16 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
   state = SparseState(jnp.zeros((), jnp.int32), params, scores,
                       weight_opt.init(params), score_opt.init(scores),
                       k_train)
+  # The temperature changes per epoch (jirm.train.epoch_batch's epochs).
+  steps_per_epoch = (1 if batch_size is None else
+                     max(min(splits.train.sizes) // batch_size, 1))
   step_fn = jax.jit(make_step(
       model.apply, objective, weight_opt=weight_opt, score_opt=score_opt,
       total_steps=steps, keep_target=keep_target,
       num_scores=masks.num_scores(scores), task=splits.task,
       score_start=score_start, budget_end=budget_end, sparsity=sparsity,
-      batch_size=batch_size), donate_argnums=0)
+      steps_per_epoch=steps_per_epoch, batch_size=batch_size),
+                    donate_argnums=0)
   eval_fn = jax.jit(make_eval_fn(model.apply, splits.task))
 
   def acc_fn(st, arrays):

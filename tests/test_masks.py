@@ -154,6 +154,11 @@ def test_sparse_fit_runs_and_irm_gradient_reaches_scores(synthetic_mnist):
   res = sparse.fit(splits, model=model, objective=objective, steps=12,
                    keep_target=0.6, eval_every=4)
   assert res.history["density"][-1] <= 0.6 + 1e-3
+  # Minibatches: the temperature rises per epoch (500 // 100 = 5 steps).
+  res = sparse.fit(splits, model=model, objective=objective, steps=12,
+                   keep_target=0.6, eval_every=1, batch_size=100)
+  temps = res.history["inverse_temp"]
+  assert temps[0] == temps[4] < temps[5] == temps[9] < temps[10]
   assert np.isfinite(res.history["term/erm"]).all()
   assert {"last", "oracle"} <= set(res.selections)
 
@@ -244,3 +249,17 @@ def test_experiment_writes_tables(tmp_path, synthetic_mnist):
   recs = jirm.results.read_jsonl(str(tmp_path / "results.jsonl"))
   dens = {r["method"]: r["density"] for r in recs if r["selection"] == "last"}
   assert dens["irm"] == 1.0 and dens["sparse_irm"] < 1.0
+  # Ablations on the saved weights.
+  rows = exp.colour_probe(["irm", "sparse_irm", "mrm"], 16, str(tmp_path),
+                          [str(tmp_path)], preset="quick", data_num=2000,
+                          steps=20, mnist=synthetic_mnist)
+  assert [r[0] for r in rows] == ["irm", "sparse_irm", "mrm"]
+  assert all(0.0 <= r[1] <= 1.0 for r in rows)
+  assert "| sparse_irm |" in (tmp_path / "probe.md").read_text()
+  diff = exp.flip_heatmap(["irm", "sparse_irm"], 16, str(tmp_path),
+                          [str(tmp_path)], preset="quick", data_num=2000,
+                          mnist=synthetic_mnist)
+  assert diff["irm"] > 0 and (tmp_path / "flip.png").stat().st_size > 1000
+  with pytest.raises(ValueError, match="no saved parameters"):
+    exp.colour_probe(["erm"], 16, str(tmp_path), [str(tmp_path)],
+                     preset="quick", data_num=2000, mnist=synthetic_mnist)
