@@ -263,3 +263,20 @@ def test_experiment_writes_tables(tmp_path, synthetic_mnist):
   with pytest.raises(ValueError, match="no saved parameters"):
     exp.colour_probe(["erm"], 16, str(tmp_path), [str(tmp_path)],
                      preset="quick", data_num=2000, mnist=synthetic_mnist)
+
+
+def test_sparse_fit_resumes_from_checkpoint(tmp_path, synthetic_mnist):
+  splits, objective = _step_setup(synthetic_mnist)
+  model = models.mlp(16)
+  kw = dict(model=model, objective=objective, steps=20, keep_target=0.5,
+            eval_every=5)
+  full = sparse.fit(splits, **kw)
+  ckpt = str(tmp_path / "ckpt")
+  sparse.fit(splits, checkpoint_dir=ckpt, checkpoint_every=5, **kw)
+  import os, shutil  # pylint: disable=g-import-not-at-top,multiple-imports
+  shutil.rmtree(os.path.join(ckpt, "20"))  # As if killed after step 15.
+  resumed = sparse.fit(splits, checkpoint_dir=ckpt, checkpoint_every=5, **kw)
+  np.testing.assert_array_equal(resumed.history["test_acc_E"],
+                                full.history["test_acc_E"])
+  jax.tree.map(np.testing.assert_array_equal, resumed.params["scores"],
+               full.params["scores"])
