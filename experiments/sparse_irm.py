@@ -389,14 +389,19 @@ def _plot_overparam(cells, path):
   fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4),
                            squeeze=False)
   for ax, key in zip(axes[0], keys):
+    pub = PUBLISHED.get((key[0], key[2]), {}) if key[1] == 50_000 else {}
     for m, by_h in sorted(cells[key]["last"].items()):
       hs = sorted(by_h)
       mean = [np.mean(by_h[h]) for h in hs]
       std = [np.std(by_h[h]) for h in hs]
-      ax.errorbar(hs, mean, yerr=std, marker="o", capsize=3, label=m)
+      line = ax.errorbar(hs, mean, yerr=std, marker="o", capsize=3,
+                         label=f"{m} (ours, last)")
+      if m in pub:
+        ax.plot(PAPER_HIDDEN, pub[m], ls="--", color=line[0].get_color(),
+                alpha=0.6, label=f"{m} (paper)")
     ax.set(xlabel="hidden width", ylabel="test accuracy % (last step)",
            title=f"{key[0]} {key[1]}, {key[2]}")
-    ax.legend()
+    ax.legend(fontsize=7)
   fig.tight_layout()
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=100)

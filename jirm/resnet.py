@@ -11,7 +11,10 @@ of a ResNet on 64x32 inputs (stages at 4x2 and 2x1). :class:`Conv2d` therefore
 lowers a convolution to "patches + one matmul" when its output map is small
 (``lowering='auto'``), with exactly the parameters of the standard
 convolution. ``lowering='xla'`` always calls ``lax.conv_general_dilated``
-(use it on GPU/TPU), ``'patches'`` always lowers.
+(use it on GPU/TPU), ``'patches'`` always lowers. BatchNorm uses a
+closed-form backward (:func:`batch_norm_train`) and the stem's max-pool is
+separable (:func:`max_pool_3x3_s2`); call :func:`jirm.runtime.configure_cpu`
+before JAX starts for the CPU runtime settings the ``'auto'`` rule assumes.
 
 Sizes follow the Flax ImageNet example: ``ResNet18 = partial(ResNet, ...)``.
 
