@@ -76,6 +76,8 @@ def define_flags():
                     "learned representation, Table 4) or 'flip' "
                     "(representation change under a colour flip, Figure 4), "
                     "on the weights saved by an earlier table run.")
+  flags.DEFINE_enum("probe_layer", "hidden", ["hidden", "logit"], "What the "
+                    "colour probe reads: the last hidden layer or the logit.")
   flags.DEFINE_list("params_dirs", [], "Output dirs of earlier table runs "
                     "holding params/ (default: --output_dir).")
 
@@ -178,9 +180,10 @@ def load_params(dirs, name):
                    f"--params_dirs=DIR.")
 
 
-def representation(method, params, x, rng):
-  """Penultimate (last hidden, post-ReLU) features of a trained MLP; masked
-  methods use one Bernoulli mask (SparseIRM) or their fixed mask (MRM)."""
+def representation(method, params, x, rng, layer="hidden"):
+  """Penultimate (last hidden, post-ReLU) features of a trained MLP
+  (``layer='hidden'``) or its output logits (``'logit'``); masked methods use
+  one Bernoulli mask (SparseIRM) or their fixed mask (MRM)."""
   if "scores" in params:
     p = masks_lib.apply(params["params"],
                         masks_lib.bernoulli(params["scores"], rng))
@@ -192,8 +195,12 @@ def representation(method, params, x, rng):
   model = jirm.models.MLP(
       hidden=tuple(p["params"][k]["kernel"].shape[1] for k in sorted(hidden)),
       out=p["params"]["head"]["kernel"].shape[1])
-  _, state = model.apply(p, x, capture_intermediates=True)
+  logits, state = model.apply(p, x, capture_intermediates=True)
   del method
+  if layer == "logit":
+    return logits
+  if layer != "hidden":
+    raise ValueError(f"probe layer={layer!r}: use 'hidden' or 'logit'.")
   return jax.nn.relu(
       state["intermediates"][sorted(hidden)[-1]]["__call__"][0])
 
@@ -218,7 +225,8 @@ def _colour_split(seed, data_num, data_dir, mnist=None):
 
 def colour_probe(methods, hidden, output_dir, params_dirs, *, seed=0,
                  preset="paper", penalty="irmv1", data_num=50_000,
-                 data_dir=None, probe_hidden=64, steps=500, mnist=None):
+                 data_dir=None, probe_hidden=64, steps=500, mnist=None,
+                 layer="hidden"):
   """SparseIRM Table 4: a 2-layer probe predicting the colour from each
   method's learned representation on a ColoredMNIST where colour and label
   are independent. Writes ``probe.md`` / ``probe.csv``."""
@@ -230,7 +238,7 @@ def colour_probe(methods, hidden, output_dir, params_dirs, *, seed=0,
     params = load_params(params_dirs, name)
     key = jax.random.key(seed)
     feats = lambda x: np.asarray(representation(m, params, jnp.asarray(x),
-                                                key))
+                                                key, layer))
     f_tr, f_te = feats(x_tr), feats(x_te)
     probe = jirm.models.mlp(probe_hidden, 1, 1)
     pp = probe.init(jax.random.key(1), jnp.asarray(f_tr[:1]))
@@ -254,7 +262,7 @@ def colour_probe(methods, hidden, output_dir, params_dirs, *, seed=0,
                  float((f_tr > 0).any(0).mean())))
   md = ["# Colour probe (SparseIRM Table 4)", "",
         f"2-layer probe (hidden {probe_hidden}, Adam 1e-3, {steps} full-batch "
-        f"steps) predicting the colour channel from the last hidden layer of "
+        f"steps) predicting the colour channel from the {layer} layer of "
         f"each method's MLP (H={hidden}, {penalty}, seed {seed}) on "
         f"ColoredMNIST with e = 0.5 (colour independent of the label). "
         f"Chance = 50%. Paper (H=640): IRM 89.1 / 89.2, MRM 82.8 / 83.4, "
@@ -263,10 +271,11 @@ def colour_probe(methods, hidden, output_dir, params_dirs, *, seed=0,
         "|---|---|---|---|"]
   md += [f"| {m} | {100 * a:.1f} | {100 * b:.1f} | {100 * u:.0f}% |"
          for m, a, b, u in rows]
-  results_lib.atomic_write(os.path.join(output_dir, "probe.md"),
+  suffix = "" if layer == "hidden" else f"_{layer}"
+  results_lib.atomic_write(os.path.join(output_dir, f"probe{suffix}.md"),
                            "\n".join(md) + "\n")
   results_lib.atomic_write(
-      os.path.join(output_dir, "probe.csv"),
+      os.path.join(output_dir, f"probe{suffix}.csv"),
       "method,probe_train_acc,probe_test_acc,active_units\n" + "".join(
           f"{m},{a:.4f},{b:.4f},{u:.4f}\n" for m, a, b, u in rows))
   print("\n".join(md))
@@ -292,8 +301,8 @@ def flip_heatmap(methods, hidden, output_dir, params_dirs, *, seed=0,
                 representation(m, params, x[..., ::-1], key))
     diffs.append(np.asarray(d))
   vmax = max(float(d.max()) for d in diffs) or 1.0
-  fig, axes = plt.subplots(len(methods), 1, figsize=(10, 2.2 * len(methods)),
-                           squeeze=False)
+  fig, axes = plt.subplots(len(methods), 1, figsize=(10, 2.6 * len(methods)),
+                           squeeze=False, constrained_layout=True)
   for ax, m, d in zip(axes[:, 0], methods, diffs):
     im = ax.imshow(d, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
     ax.set(title=f"{m}: mean |h(x) - h(flip x)| = {d.mean():.3f}",
@@ -420,11 +429,12 @@ def main(argv):
   methods = [m.strip() for m in FLAGS.methods.split(",")]
   if FLAGS.ablation != "none":
     fn = colour_probe if FLAGS.ablation == "probe" else flip_heatmap
+    extra = dict(layer=FLAGS.probe_layer) if FLAGS.ablation == "probe" else {}
     common.exit_on_bad_input(
         fn, methods, int(FLAGS.hidden[0]), FLAGS.output_dir,
         FLAGS.params_dirs or [FLAGS.output_dir], seed=FLAGS.seed,
         preset=FLAGS.preset, penalty=FLAGS.penalty, data_num=FLAGS.data_num,
-        data_dir=FLAGS.data_dir)
+        data_dir=FLAGS.data_dir, **extra)
     return
   common.exit_on_bad_input(
       run, methods, FLAGS.hidden, FLAGS.restarts, FLAGS.seed,

@@ -92,12 +92,28 @@ def test_selection_rules(datasets):
                  objective=jirm.erm * 1.0, optimizer=optax.adam(1e-2),
                  steps=6, seed=0, eval_every=2)
   sel = res.selections
-  assert set(sel) == {"last", "train_domain_val", "oracle"}
+  train = res.history["train_acc_E"].mean(1)
+  # SparseIRM's rule exists when some point has train accuracy > 0.6.
+  assert set(sel) == {"last", "train_domain_val", "oracle"} | (
+      {"oracle_train_gt60"} if (train > 0.6).any() else set())
   assert sel["last"]["step"] == 6
   test = res.history["test_acc_E"].mean(1)
   val = res.history["val_acc_E"].mean(1)
   assert sel["oracle"]["test_acc"] == pytest.approx(test.max())
   assert sel["train_domain_val"]["val_acc"] == pytest.approx(val.max())
+
+
+def test_sparse_irm_selection_rule():
+  # Best test point among those with train accuracy > 0.6.
+  history = {"step": np.array([10, 20, 30, 40]),
+             "train_acc_E": np.array([[0.9], [0.55], [0.65], [0.7]]),
+             "test_acc_E": np.array([[0.1], [0.9], [0.6], [0.5]])}
+  sel = jirm.train.select(history, {"train": ["a"], "test": ["t"]})
+  assert sel["oracle_train_gt60"]["step"] == 30
+  assert sel["oracle"]["step"] == 20
+  history["train_acc_E"] = np.full((4, 1), 0.5)
+  assert "oracle_train_gt60" not in jirm.train.select(
+      history, {"train": ["a"], "test": ["t"]})
 
 
 def test_fit_rejects_bad_arguments(datasets):
