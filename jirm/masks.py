@@ -184,6 +184,6 @@ def density(scores: Mapping[str, jax.Array]):
   return sum(s.sum() for s in scores.values()) / num_scores(scores)
 
 
-def hard_from_logits(logits: Mapping[str, jax.Array]):
-  """``{path: 1[logit > 0]}`` (MRM's selected subnetwork)."""
-  return {p: (l > 0).astype(jnp.float32) for p, l in logits.items()}
+def hard(scores: Mapping[str, jax.Array], threshold: float = 0.5):
+  """``{path: 1[s > threshold]}`` (MRM's selected subnetwork)."""
+  return {p: (s > threshold).astype(jnp.float32) for p, s in scores.items()}

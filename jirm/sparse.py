@@ -96,11 +96,8 @@ def make_step(apply_fn, objective: objectives.Objective, *,
         data, jax.random.split(state.rng)[1], state.step, batch_size)
     (g_w, g_s), aux = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(
         state.params, state.scores, batch, k_loss, state.step)
-    w_state = state.w_opt_state
-    if reset_step is not None:
-      w_state = jax.tree.map(
-          lambda f, o: jnp.where(state.step == reset_step, f, o),
-          weight_opt.init(state.params), w_state)
+    w_state = train_lib.reset_at(weight_opt, state.w_opt_state, state.params,
+                                 state.step, reset_step)
     upd, w_state = weight_opt.update(g_w, w_state, state.params)
     params = optax.apply_updates(state.params, upd)
     # Scores: no optimizer step (and no moment update) before score_start.
@@ -230,16 +227,14 @@ def fit_mrm(splits: data_lib.EnvSplits, *, model,
                score_opt=optax.adam(mask_lr), pattern=pattern,
                score_start=0.0, sparsity=sparsity, init_params=dense.params,
                eval_every=mask_steps, progress=progress, desc=desc + " mask")
-  hard = {p: (s > 0.5).astype(jnp.float32)
-          for p, s in masked.params["scores"].items()}
+  hard = masks.hard(masked.params["scores"])
   sub = _Masked(model, hard)
   res = train_lib.fit(splits, model=sub, objective=objective,
                       optimizer=optax.adam(lr), steps=retrain_steps,
                       seed=seed, eval_every=eval_every, progress=progress,
                       desc=desc + " retrain", init_params=init)
-  res.history["mrm_density"] = jnp.full(
-      len(res.history["step"]),
-      float(sum(m.sum() for m in hard.values()) / masks.num_scores(hard)))
+  res.history["mrm_density"] = jnp.full(len(res.history["step"]),
+                                        float(masks.density(hard)))
   res.params = {"params": res.params, "mask": hard}
   res.wall_s = time.time() - t0
   return res

@@ -99,6 +99,16 @@ def epoch_batch(data: EnvArrays, rng, step, batch_size: int) -> EnvArrays:
   return EnvArrays(take(data.x), take(data.y), take(data.valid))
 
 
+def reset_at(optimizer: optax.GradientTransformation, opt_state, params,
+             step, reset_step: Optional[int]):
+  """``optimizer.init(params)`` when ``step == reset_step``, else
+  ``opt_state`` (traced: no retrace at the reset). None never resets."""
+  if reset_step is None:
+    return opt_state
+  return jax.tree.map(lambda f, o: jnp.where(step == reset_step, f, o),
+                      optimizer.init(params), opt_state)
+
+
 def make_train_step(apply_fn, objective: objectives.Objective,
                     optimizer: optax.GradientTransformation, *,
                     task: str = "binary", batch_size: Optional[int] = None,
@@ -136,12 +146,8 @@ def make_train_step(apply_fn, objective: objectives.Objective,
                                                           batch_size)
     grads, aux = jax.grad(loss_fn, has_aux=True)(state.params, batch, k_obj,
                                                  state.step)
-    opt_state = state.opt_state
-    if reset_step is not None:
-      fresh = optimizer.init(state.params)
-      opt_state = jax.tree.map(
-          lambda f, o: jnp.where(state.step == reset_step, f, o), fresh,
-          opt_state)
+    opt_state = reset_at(optimizer, state.opt_state, state.params,
+                         state.step, reset_step)
     updates, opt_state = optimizer.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(state.step + 1, params, opt_state, state.rng), aux
