@@ -10,6 +10,7 @@ Compose objectives from pure terms and train them with a jitted step::
 from jirm import data
 from jirm import deep
 from jirm import irm_games
+from jirm import irm_tv
 from jirm import methods
 from jirm import models
 from jirm import objectives

@@ -247,24 +247,40 @@ def _rvp(out: Outputs):
   return safe_sqrt(jnp.var(env_risks(out)))
 
 
+@jax.custom_jvp
+def abs0(x):
+  """|x| with the zero subgradient at 0 (PyTorch's convention; ``jnp.abs``
+  has gradient 1 at 0)."""
+  return jnp.abs(x)
+
+
+@abs0.defjvp
+def _abs0_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  return jnp.abs(x), jnp.sign(x) * t
+
+
 def _irm_tv_l1(out: Outputs, form: str = "multi_env"):
   """IRM-TV-l1 (Lai & Wang, ICML 2024): (sum_e |g_e|)^2 with
   g_e = d/ds [sum_{i in e} loss_i / N]; IRMv1 is its TV-l2 analogue.
 
   ``two_env`` is the two-environment release (same formula, checks E = 2),
   ``multi_env`` any E, ``minibatch`` (sum_e sqrt|g_e^even g_e^odd|)^2 from the
-  halves of each env's batch.
+  halves of each env's batch. |.| has the zero subgradient at 0 (:func:`abs0`).
+  Soft environments (ZIN / Minimax-TV) are fractional ``valid`` weights: with
+  ``valid_KN = [rho, 1 - rho]`` over K copies of the pooled batch, g_k =
+  d/ds sum_i rho_ki loss_i / N, exactly the inferred-environment penalty.
   """
   if form in ("two_env", "multi_env"):
     if form == "two_env" and out.logits.shape[0] != 2:
       raise ValueError(f"irm_tv_l1(form='two_env') needs 2 envs, got "
                        f"{out.logits.shape[0]}; use form='multi_env'.")
-    return jnp.sum(jnp.abs(_pooled_scale_grad(out))) ** 2
+    return jnp.sum(abs0(_pooled_scale_grad(out))) ** 2
   if form == "minibatch":
     first, second = _halves(out)
     # Normalise each half by its share of the whole batch, as in the release.
     g1, g2 = _pooled_scale_grad(first), _pooled_scale_grad(second)
-    return jnp.sum(safe_sqrt(jnp.abs(g1 * g2))) ** 2
+    return jnp.sum(safe_sqrt(abs0(g1 * g2))) ** 2
   raise ValueError(f"irm_tv_l1 form={form!r}: use 'two_env', 'multi_env' or "
                    f"'minibatch'.")
 
