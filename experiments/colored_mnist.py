@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -31,6 +33,8 @@ METHODS_ALL = ("erm", "oracle", "irmv1", "vrex", "mm_rex", "rvp", "irm_tv_l1",
                "bayesian_irm")
 # The original IRM games (Ahuja et al. 2020); run with --method=irm_game_f.
 GAME_METHODS = ("irm_game_f", "irm_game_v")
+# Stateful methods with their own trainer (not in jirm.methods).
+OTHER_METHODS = GAME_METHODS + ("ipg",)
 PUBLISHED = {
     "erm": "87.4 ± 0.2 / 17.1 ± 0.6",
     "oracle": "73.5 ± 0.2 / 73.0 ± 0.4",
@@ -38,6 +42,7 @@ PUBLISHED = {
     "vrex": "71.5 ± 1.0 / 68.7 ± 0.9",
     "mm_rex": "72.4 ± 1.8 / 66.1 ± 1.5",
     "bayesian_irm": "– / 67.0 ± 1.8 (20k)",
+    "ipg": "– / 72.7",
 }
 
 FLAGS = flags.FLAGS
@@ -106,6 +111,9 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
     return common.records_from_fit(res, config, seed,
                                    f"irm_game(variant={g.variant})",
                                    splits.info, time.time() - t0)
+  if config.method == "ipg":
+    return _run_ipg(config, seed, data_dir, progress, mnist, checkpoint_dir,
+                    t0)
   splits, model, objective, optimizer = build_run(config, data_dir, seed,
                                                   mnist)
   res = jirm.fit(splits, model=model, objective=objective,
@@ -117,6 +125,78 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
                  checkpoint_every=config.checkpoint_every)
   return common.records_from_fit(res, config, seed, objective.describe(),
                                  splits.info, time.time() - t0)
+
+
+def _run_ipg(config, seed, data_dir, progress, mnist, checkpoint_dir, t0):
+  """IPG: the loss is ERM + l2 (+ an optional registered penalty)."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from jirm import ipg  # pylint: disable=g-import-not-at-top
+  d, p = config.data, config.ipg
+  splits = jirm.data.colored_mnist(
+      seed, variant=d.variant, data_num=d.data_num, num_envs=d.num_envs,
+      label_noise=d.label_noise, test_e=d.test_e, val=d.val,
+      data_dir=data_dir, mnist=mnist)
+  objective = jirm.erm(reduction=config.erm_reduction) + config.l2 * jirm.l2
+  if p.penalty != "none":
+    sched = jirm.schedules.preset(config.schedule, weight=config.penalty_weight,
+                                  anneal=config.anneal)
+    objective = objective + sched * jirm.methods.get(p.penalty).penalty
+  pairs = ipg.colored_mnist_pairs(splits.train, num_pairs=p.num_pairs or None,
+                                  seed=p.pair_seed + seed)
+  res = ipg.fit(splits, model=jirm.models.mlp(config.hidden_dim, config.depth),
+                pairs=pairs, objective=objective,
+                optimizer=optax.adam(config.lr), steps=config.steps, seed=seed,
+                threshold=p.threshold, alpha=p.alpha, pair_batch=p.pair_batch,
+                batch_size=config.batch_size or None,
+                eval_every=config.eval_every, progress=progress,
+                desc=f"ipg seed {seed}", checkpoint_dir=checkpoint_dir,
+                checkpoint_every=config.checkpoint_every)
+  records = common.records_from_fit(
+      res, config, seed, f"IPG(t={p.threshold:g}, alpha={p.alpha:g}, "
+      f"pairs={p.pair_batch}/{p.num_pairs}) on {objective.describe()}",
+      splits.info, time.time() - t0)
+  h = res.history
+  for r in records:
+    if r["selection"] == "last":
+      r["curve"].update(ipg_d=h["ipg_d"].astype(float).tolist(),
+                        ipg_c=h["ipg_c"].astype(float).tolist(),
+                        ipg_gated=h["ipg_gated"].astype(float).tolist())
+  return records
+
+
+def plot_ipg_curves(records, path):
+  """ipg_curves.png: c(I) and d(I) over training (IPG restarts)."""
+  runs = [r for r in records if r["method"] == "ipg" and
+          r["selection"] == "last" and "ipg_c" in r.get("curve", {})]
+  if not runs:
+    return
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  for i, r in enumerate(runs):
+    c = r["curve"]
+    lab = f"seed {r['seed']}"
+    axes[0].semilogy(c["step"], c["ipg_c"], color=f"C{i % 10}", label=lab)
+    axes[1].semilogy(c["step"], c["ipg_d"], color=f"C{i % 10}")
+    axes[2].plot(c["step"], 100 * np.asarray(c["test_acc"]),
+                 color=f"C{i % 10}")
+    axes[2].plot(c["step"], 100 * np.asarray(c["train_acc"]), ":",
+                 color=f"C{i % 10}")
+  t = runs[0]["config"]["ipg"]["threshold"]
+  axes[0].axhline(t, color="k", ls="--", lw=0.8, label=f"t = {t:g}")
+  axes[0].set_title("invariance condition c(I) (symmetric KL)")
+  axes[1].set_title("rationale distance d(I)")
+  axes[2].set_title("train (dotted) / test (solid) accuracy %")
+  for ax in axes:
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+  fig.savefig(tmp, dpi=120, format="png")
+  plt.close(fig)
+  os.replace(tmp, path)
 
 
 def run(methods, preset, restarts, seed, output_dir, data_dir=None,
@@ -140,6 +220,7 @@ def write_reports(output_dir):
                                 "ColoredMNIST (Arjovsky et al. 2019)"))
   results_lib.plot_curves(records, os.path.join(output_dir, "curves.png"),
                           "ColoredMNIST: train (dotted) / test (solid)")
+  plot_ipg_curves(records, os.path.join(output_dir, "ipg_curves.png"))
 
 
 def main(argv):
@@ -153,7 +234,7 @@ def main(argv):
   methods = (METHODS_ALL if FLAGS.method == "all" else
              tuple(m.strip() for m in FLAGS.method.split(",")))
   for m in methods:
-    if m not in GAME_METHODS:
+    if m not in OTHER_METHODS:
       jirm.methods.get(m)
   try:
     run(methods, FLAGS.preset, FLAGS.restarts, FLAGS.seed, FLAGS.output_dir,

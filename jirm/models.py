@@ -34,11 +34,14 @@ class MLP(nn.Module):
   out: int = 1
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, return_features: bool = False):
+    """Logits ``[N, out]``; with ``return_features`` also the penultimate
+    features ``[N, hidden[-1]]`` (the input of the ``head`` layer)."""
     h = x.reshape((x.shape[0], -1)).astype(jnp.float32)
     for i, width in enumerate(self.hidden):
       h = nn.relu(_dense(width, name=f"hidden_{i}")(h))
-    return _dense(self.out, name="head")(h)
+    logits = _dense(self.out, name="head")(h)
+    return (h, logits) if return_features else logits
 
 
 def mlp(hidden_dim: int = 390, depth: int = 2, out: int = 1) -> MLP:

@@ -1,0 +1,344 @@
+"""IPG: invariance pair-guided learning with corrective gradients.
+
+Surner, Khelil & Bothmann, "Invariance Pair-Guided Learning" (arXiv
+2502.18975), SPEC §3. An *invariance pair* (x1, x2) is the same sample with
+only the spurious attribute changed (ColoredMNIST: the digit in colour 0 and
+in colour 1). The
+*rationale* of an input is R = W ⊙ z (final-layer weights times penultimate
+features, one column per class). Over a pair batch I:
+
+* d(I) = || mean_I R(x1) - mean_I R(x2) ||_2 (spectral norm of a D x C
+  matrix) and the corrective gradient g_d = grad d(I);
+* c(I) = mean_I symmetric KL between the pair members' predictions (the
+  invariance condition).
+
+Each iteration takes two optimizer steps with the same optimizer and
+learning rate: first with g_d, then with the loss gradient g_L (computed at
+the corrected parameters), rescaled to length ``alpha * ||g_d||`` when
+c(I) > t. The loss may be any jirm objective (ERM alone, or ERM plus an IRM
+penalty: "IPG combined with any jirm penalty").
+
+Example:
+  >>> splits = jirm.data.colored_mnist(seed=0)
+  >>> pairs = ipg.colored_mnist_pairs(splits.train, num_pairs=2000, seed=0)
+  >>> res = ipg.fit(splits, model=jirm.models.mlp(390), pairs=pairs,
+  ...               objective=jirm.erm + 0.0011 * jirm.l2,
+  ...               optimizer=optax.adam(4.9e-4), steps=501)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jirm import data as data_lib
+from jirm import objectives
+from jirm import train as train_lib
+
+
+# ----------------------------------------------------------------------------
+# Rationales, distance and invariance condition.
+
+
+def rationale(feats_ND, kernel_DC):
+  """R = W ⊙ z per sample: ``[N, D, C]`` (feature d's contribution to the
+  logit of class c)."""
+  return feats_ND[:, :, None] * kernel_DC[None]
+
+
+def spectral_norm(m_DC):
+  """Largest singular value of a D x C matrix, with a finite gradient at 0
+  (via the largest eigenvalue of the C x C Gram matrix)."""
+  gram_CC = m_DC.T @ m_DC
+  if gram_CC.shape == (1, 1):
+    return objectives.safe_sqrt(gram_CC[0, 0])
+  return objectives.safe_sqrt(jnp.linalg.eigvalsh(gram_CC)[-1])
+
+
+def rationale_distance(feats1_PD, feats2_PD, kernel_DC):
+  """d(I) = spectral norm of (mean rationale of x1 - mean rationale of x2)."""
+  diff_DC = (rationale(feats1_PD, kernel_DC).mean(0) -
+             rationale(feats2_PD, kernel_DC).mean(0))
+  return spectral_norm(diff_DC)
+
+
+def symmetric_kl(logits1_PC, logits2_PC, task: str = "binary"):
+  """Mean over pairs of KL(p1 || p2) + KL(p2 || p1) of the predictions
+  (Bernoulli for one binary logit, categorical otherwise)."""
+  if task == "binary":
+    lp1 = jnp.concatenate([jax.nn.log_sigmoid(logits1_PC),
+                           jax.nn.log_sigmoid(-logits1_PC)], -1)
+    lp2 = jnp.concatenate([jax.nn.log_sigmoid(logits2_PC),
+                           jax.nn.log_sigmoid(-logits2_PC)], -1)
+  elif task == "multiclass":
+    lp1 = jax.nn.log_softmax(logits1_PC, -1)
+    lp2 = jax.nn.log_softmax(logits2_PC, -1)
+  else:
+    raise ValueError(f"task={task!r}: IPG needs 'binary' or 'multiclass'.")
+  return jnp.mean(jnp.sum((jnp.exp(lp1) - jnp.exp(lp2)) * (lp1 - lp2), -1))
+
+
+# ----------------------------------------------------------------------------
+# Invariance pairs.
+
+
+class Pairs(NamedTuple):
+  """A pool of invariance pairs ``x [M, 2, ...]`` (member 0: the original,
+  member 1: the spurious attribute changed) and their labels ``y [M]``."""
+
+  x: np.ndarray
+  y: np.ndarray
+
+  def check(self):
+    if self.x.ndim < 3 or self.x.shape[1] != 2:
+      raise ValueError(f"pairs.x has shape {self.x.shape}; expected "
+                       f"[M, 2, ...] (M pairs of two inputs).")
+    return self
+
+
+def _pick(envs: data_lib.Envs, num_pairs: Optional[int], seed: int):
+  valid = np.flatnonzero(envs.valid.reshape(-1))
+  rng = np.random.default_rng(seed)
+  if num_pairs is not None:
+    if not 1 <= num_pairs <= len(valid):
+      raise ValueError(f"num_pairs={num_pairs!r}: choose 1..{len(valid)} "
+                       f"(the training samples).")
+    valid = rng.choice(valid, num_pairs, replace=False)
+  x = envs.x.reshape((-1,) + envs.x.shape[2:])[valid]
+  y = envs.y.reshape(-1)[valid]
+  return x, y, valid, rng
+
+
+def colored_mnist_pairs(envs: data_lib.Envs, *, num_pairs: Optional[int] = None,
+                        seed: int = 0) -> Pairs:
+  """ColoredMNIST pairs: the same digit image in colour 0 (member 0) and in
+  colour 1 (member 1), drawn from the training environments.
+
+  The members are ordered by the spurious attribute's value, so the mean
+  rationale difference over a pair batch measures the effect of the colour
+  (with members ordered as "original / flipped" the effects of the two
+  colours would cancel in the mean).
+
+  Args:
+    envs: 2-channel ColoredMNIST environments (``x [E, N, H, W, 2]``).
+    num_pairs: pool size (random training samples); None = every one.
+    seed: selects the samples.
+  """
+  if envs.x.shape[-1] != 2:
+    raise ValueError(f"colored_mnist_pairs needs 2 colour channels, got x of "
+                     f"shape {envs.x.shape}; use full_colored_mnist_pairs "
+                     f"for FullColoredMNIST.")
+  x, y, _, _ = _pick(envs, num_pairs, seed)
+  grey = x.sum(-1)  # One channel is zero.
+  zero = np.zeros_like(grey)
+  return Pairs(np.stack([np.stack([grey, zero], -1),
+                         np.stack([zero, grey], -1)], 1), y)
+
+
+def full_colored_mnist_pairs(envs: data_lib.Envs, *,
+                             num_pairs: Optional[int] = None,
+                             seed: int = 0) -> Pairs:
+  """FullColoredMNIST pairs: the same digit recoloured with a uniformly
+  random *other* colour of :data:`jirm.data.FULL_COLORS`.
+
+  The grey image and its colour are recovered exactly from x = grey *
+  colour (the colour whose reconstruction error is smallest).
+  """
+  colors = data_lib.FULL_COLORS.astype(np.float32)
+  if envs.x.shape[-1] != 3:
+    raise ValueError(f"full_colored_mnist_pairs needs 3 channels, got x of "
+                     f"shape {envs.x.shape}.")
+  x, y, _, rng = _pick(envs, num_pairs, seed)
+  main = colors.argmax(1)
+  grey_KN = np.stack([x[..., c].reshape(len(x), -1) / colors[k, c]
+                      for k, c in enumerate(main)])         # [K, N, HW]
+  flat = x.reshape(len(x), -1, 3)
+  err = np.stack([np.abs(flat - grey_KN[k][..., None] * colors[k]).sum((1, 2))
+                  for k in range(len(colors))])
+  color = err.argmin(0)
+  grey = grey_KN[color, np.arange(len(x))].reshape(x.shape[:-1])
+  new = (color + rng.integers(1, len(colors), len(x))) % len(colors)
+  x2 = grey[..., None] * colors[new][:, None, None, :]
+  return Pairs(np.stack([x, x2.astype(np.float32)], 1), y)
+
+
+def cifar_mnist_pairs(envs: data_lib.Envs, *, num_pairs: Optional[int] = None,
+                      seed: int = 0) -> Pairs:
+  """CIFAR-MNIST pairs: the same CIFAR image (bottom half) under an MNIST
+  half (top 32 rows) showing digit 0 (member 0) and digit 1 (member 1); the
+  sample's own MNIST half is kept for its digit and the other digit's half
+  is taken from another training sample. The digit is ``label`` where
+  ``agree`` else ``1 - label``."""
+  if envs.x.shape[-3] != 64:
+    raise ValueError(f"cifar_mnist_pairs needs 64-row CIFAR-MNIST images, got "
+                     f"x of shape {envs.x.shape}.")
+  x, y, idx, rng = _pick(envs, num_pairs, seed)
+  all_x = envs.x.reshape((-1,) + envs.x.shape[2:])
+  keep = np.flatnonzero(envs.valid.reshape(-1))
+  agree = envs.agree.reshape(-1)
+  ys = envs.y.reshape(-1)
+  digit_all = np.where(agree, ys, 1 - ys)[keep]
+  digit = np.where(agree[idx], ys[idx], 1 - ys[idx])
+  members = [x.copy(), x.copy()]
+  for d in (0, 1):
+    sel = np.flatnonzero(digit != d)     # These need digit d's half.
+    donors = keep[digit_all == d]
+    if len(sel) and not len(donors):
+      raise ValueError(f"no training sample shows digit {d}; cannot build "
+                       f"CIFAR-MNIST pairs.")
+    members[d][sel, :32] = all_x[rng.choice(donors, len(sel)), :32]
+  return Pairs(np.stack(members, 1), y)
+
+
+PAIR_SOURCES = {"colored_mnist": colored_mnist_pairs,
+                "full_colored_mnist": full_colored_mnist_pairs,
+                "cifar_mnist": cifar_mnist_pairs}
+
+
+# ----------------------------------------------------------------------------
+# The method.
+
+
+class IPG(NamedTuple):
+  """``init(key, x_1X) -> TrainState``; ``update(state, data) -> (state,
+  aux)`` with ``data`` a :class:`jirm.train.EnvArrays`."""
+
+  init: Callable
+  update: Callable
+
+
+def mlp_head_kernel(params):
+  """The final-layer weights ``[D, C]`` of :class:`jirm.models.MLP`."""
+  return params["params"]["head"]["kernel"]
+
+
+def ipg(*, model, objective: objectives.Objective,
+        optimizer: optax.GradientTransformation, pairs: Pairs,
+        head_kernel: Callable = mlp_head_kernel, threshold: float = 2e-6,
+        alpha: float = 1.0, pair_batch: int = 300, task: str = "binary",
+        batch_size: Optional[int] = None) -> IPG:
+  """Builds IPG's two-step update as a pure ``(init, update)`` pair.
+
+  Args:
+    model: a Flax module whose ``apply(params, x, return_features=True)``
+      returns ``(feats_ND, logits_NC)`` (e.g. :class:`jirm.models.MLP`).
+    objective: the loss L (ERM, or ERM plus any jirm penalty).
+    optimizer: one optax optimizer for both steps (same learning rate).
+    pairs: the pool of invariance pairs.
+    head_kernel: ``params -> W [D, C]``, the final linear layer's weights.
+    threshold: t; the loss gradient is rescaled when c(I) > t (2e-6 on
+      ColoredMNIST in the paper; up to 1e-1 elsewhere).
+    alpha: the rescaled loss gradient's length relative to ||g_d||.
+    pair_batch: pairs per iteration (300 in the paper), drawn without
+      replacement from the pool (the whole pool if smaller).
+    task: ``'binary'`` or ``'multiclass'``.
+    batch_size: samples per env for L; None = full batch.
+
+  Returns:
+    An :class:`IPG`.
+  """
+  pairs.check()
+  if isinstance(objective, objectives.Term):
+    objective = objective * 1.0
+  apply_fn = model.apply
+  if alpha <= 0 or threshold < 0:
+    raise ValueError(f"alpha={alpha!r} must be > 0 and threshold="
+                     f"{threshold!r} >= 0.")
+  if objective.schedule() is not None and objective.schedule().reset_step:
+    raise ValueError("IPG does not support schedules that reset the "
+                     "optimizer (domainbed); use the 'irm' or 'lin' preset.")
+  pool_x = jnp.asarray(pairs.x)
+  num = pool_x.shape[0]
+  p = min(int(pair_batch), num)
+
+  def pair_batch_fn(rng):
+    idx = jax.random.permutation(rng, num)[:p]
+    x = pool_x[idx]
+    return x[:, 0], x[:, 1]
+
+  def distance(params, x1, x2):
+    f1, l1 = apply_fn(params, x1, return_features=True)
+    f2, l2 = apply_fn(params, x2, return_features=True)
+    return rationale_distance(f1, f2, head_kernel(params)), (l1, l2)
+
+  def loss_fn(params, batch, rng, step):
+    logits = train_lib.forward(apply_fn, params, batch.x)
+    out = objectives.Outputs(logits, batch.y, batch.valid, params, rng, task)
+    total, aux = objective(out, step)
+    aux["train_acc"] = objectives.accuracy(logits, batch.y, batch.valid,
+                                           task).mean()
+    return total, aux
+
+  def init(key, x_1X):
+    k_init, k_run = jax.random.split(key)
+    params = model.init(k_init, x_1X)
+    return train_lib.TrainState(jnp.zeros((), jnp.int32), params,
+                                optimizer.init(params), k_run)
+
+  def update(state: train_lib.TrainState, data: train_lib.EnvArrays):
+    k_pair, k_batch, k_obj = jax.random.split(
+        jax.random.fold_in(state.rng, state.step), 3)
+    x1, x2 = pair_batch_fn(k_pair)
+    # Step 1: the corrective gradient.
+    (d, _), g_d = jax.value_and_grad(distance, has_aux=True)(state.params,
+                                                              x1, x2)
+    upd, opt_state = optimizer.update(g_d, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, upd)
+    # Step 2: the (gated) loss gradient at the corrected parameters.
+    batch = data if batch_size is None else train_lib._sample_batch(  # pylint: disable=protected-access
+        data, k_batch, batch_size)
+    g_l, aux = jax.grad(loss_fn, has_aux=True)(params, batch, k_obj,
+                                               state.step)
+    l1 = apply_fn(params, x1)
+    l2 = apply_fn(params, x2)
+    c = symmetric_kl(l1, l2, task)
+    gd_norm, gl_norm = optax.global_norm(g_d), optax.global_norm(g_l)
+    gated = c > threshold
+    scale = jnp.where(gated, alpha * gd_norm / jnp.maximum(gl_norm, 1e-30),
+                      1.0)
+    g_l = jax.tree.map(lambda g: g * scale, g_l)
+    upd, opt_state = optimizer.update(g_l, opt_state, params)
+    params = optax.apply_updates(params, upd)
+    aux.update(ipg_d=d, ipg_c=c, ipg_gated=gated.astype(jnp.float32),
+               ipg_gd_norm=gd_norm, ipg_gl_norm=gl_norm)
+    return train_lib.TrainState(state.step + 1, params, opt_state,
+                                state.rng), aux
+
+  return IPG(init, update)
+
+
+def fit(splits: data_lib.EnvSplits, *, model, pairs: Pairs,
+        objective: objectives.Objective,
+        optimizer: optax.GradientTransformation, steps: int, seed: int = 0,
+        threshold: float = 2e-6, alpha: float = 1.0, pair_batch: int = 300,
+        head_kernel: Callable = mlp_head_kernel,
+        batch_size: Optional[int] = None, eval_every: int = 10,
+        progress: bool = False, desc: str = "",
+        checkpoint_dir: Optional[str] = None,
+        checkpoint_every: int = 100) -> train_lib.FitResult:
+  """Trains ``model`` with IPG; same evaluation, selection rules, history
+  format and orbax resume as :func:`jirm.train.fit`. The history also holds
+  ``ipg_d`` (d(I)), ``ipg_c`` (c(I)) and ``ipg_gated`` at every evaluation.
+  """
+  t0 = time.time()
+  train = train_lib.EnvArrays.from_envs(splits.train)
+  method = ipg(model=model, objective=objective, optimizer=optimizer,
+               pairs=pairs, head_kernel=head_kernel, threshold=threshold,
+               alpha=alpha, pair_batch=pair_batch, task=splits.task,
+               batch_size=batch_size)
+  state = method.init(jax.random.key(seed), train.x[0, :1])
+  step_fn = jax.jit(method.update, donate_argnums=0)
+  eval_fn = jax.jit(train_lib.make_eval_fn(model.apply, splits.task))
+  state, history, env_names = train_lib.train_and_evaluate(
+      state, step_fn, splits, lambda st, d: eval_fn(st.params, d)[0],
+      train=train, steps=steps, eval_every=eval_every, progress=progress,
+      desc=desc, checkpoint_dir=checkpoint_dir,
+      checkpoint_every=checkpoint_every)
+  return train_lib.FitResult(state.params, history,
+                             train_lib.select(history, env_names), env_names,
+                             time.time() - t0)
