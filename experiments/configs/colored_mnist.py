@@ -110,15 +110,19 @@ def get_config(method: str = "irmv1", preset: str = "paper"):
               "start 1000, stop when train acc < 0.6).")
   elif method == "ipg":
     # IPG (Surner et al. 2025) on IRM's ColoredMNIST (25% label noise): the
-    # IRM MLP and optimiser flags, ERM + l2 as the loss, t = 2e-6 (paper),
-    # 300 pairs per step (paper) from a pool of training images.
-    c.update(IRM_FLAGS)
-    c.penalty_weight = 0.0
+    # IRM MLP (H 390, l2 0.0011), ERM + l2 as the loss, t = 2e-6 and 300
+    # pairs per step (paper), pairs from every training image. The paper's
+    # optimiser schedule is not in SPEC; ours: Adam 1e-3, minibatches of
+    # 1000 per env, 4000 steps, alpha 0.2 (from a 2-3 seed check, see
+    # docs/colored_mnist.md).
+    c.update(dict(hidden_dim=390, l2=0.00110794568, lr=1e-3, steps=4000,
+                  batch_size=1000, eval_every=100, checkpoint_every=500))
     c.ipg = ml_collections.ConfigDict(dict(
-        threshold=2e-6, alpha=0.3, pair_batch=300, num_pairs=2000,
+        threshold=2e-6, alpha=0.2, pair_batch=300, num_pairs=0,
         pair_seed=0, penalty="none"))
-    c.note = ("IPG: IRM MLP/optimiser flags, t=2e-6 and 300 pairs/step as in "
-              "the paper; alpha and the pair pool size are our choice.")
+    c.note = ("IPG: IRM MLP, t=2e-6 and 300 pairs/step as in the paper; "
+              "alpha 0.2, Adam 1e-3, batch 1000/env, 4000 steps are our "
+              "choice (num_pairs 0 = every training image).")
   else:
     raise ValueError(f"no ColoredMNIST config for method {method!r}.")
   if preset == "quick":
@@ -132,6 +136,7 @@ def get_config(method: str = "irmv1", preset: str = "paper"):
       c.batch_size = 64
     if "ipg" in c:
       c.ipg.num_pairs, c.ipg.pair_batch = 200, 50
+      c.batch_size = 64
   elif preset != "paper":
     raise ValueError(f"unknown preset {preset!r}; choose 'paper' or 'quick'.")
   return c
