@@ -104,13 +104,14 @@ def run_restart(config, seed, checkpoint_dir=None):
                    eval_every=config.eval_every, seed=seed)
   wall = time.time() - t0
   h = res.history
+  short = lambda v: [float(f"{x:.5g}") for x in np.asarray(v, float)]
   curve = dict(step=h["step"].tolist(),
-               train_acc=h["train_acc_E"].mean(1).tolist(),
-               test_acc=h["test_acc_E"].mean(1).tolist(),
-               test_worst=h["test_acc_E"].min(1).tolist())
+               train_acc=short(h["train_acc_E"].mean(1)),
+               test_acc=short(h["test_acc_E"].mean(1)),
+               test_worst=short(h["test_acc_E"].min(1)))
   for name in ("penalty", "weight", "lam", "rho_gap"):
     if name in h:
-      curve[name] = h[name].astype(float).tolist()
+      curve[name] = short(h[name])
   records = []
   for rule, sel in res.selections.items():
     rec = dict(method=config.method, preset=config.preset, seed=seed,
@@ -118,7 +119,7 @@ def run_restart(config, seed, checkpoint_dir=None):
                train_cons=config.data.train_cons, objective=method.describe,
                data=splits.info, config=config.to_dict(), wall_s=wall,
                train_wall_s=res.wall_s, **sel)
-    if rule == "last":
+    if rule == "last" and not config.sweep:  # Sweeps: final numbers only.
       rec["curve"] = curve
     records.append(rec)
   return records
@@ -213,7 +214,8 @@ def plots(records, output_dir):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   groups = _groups(records)
   main = [(k, v) for k, v in groups.items()
-          if not v["last"][0]["config"].get("sweep", False)]
+          if not v["last"][0]["config"].get("sweep", False) and
+          "curve" in v["last"][0]]
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
   for i, ((method, preset, cons, _), by_rule) in enumerate(main):
     curves = [r["curve"] for r in by_rule["last"]]
