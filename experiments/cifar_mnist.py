@@ -69,7 +69,9 @@ def define_flags():
 
 def build_run(config, seed=0, data_dir=None, sources=None):
   """Config -> (splits, model, objective, optimizer, fit kwargs)."""
-  method = deep.DEEP_METHODS[config.method]
+  # IPG trains the ERM model with its own step (jirm.ipg).
+  method = deep.DEEP_METHODS["erm" if config.method == "ipg" else
+                             config.method]
   d = config.data
   splits = jirm.data.cifar_mnist(
       seed, envs=d.envs, label_noise=d.label_noise, oracle=method.oracle,
@@ -86,7 +88,7 @@ def build_run(config, seed=0, data_dir=None, sources=None):
                            anneal=config.anneal_epochs, ramp=config.ramp,
                            steps_per_epoch=steps_per_epoch)
   objective, game = deep.build_method(
-      config.method, schedule=sched, l2=config.l2, inner_lr=config.inner_lr,
+      "erm" if config.method == "ipg" else config.method, schedule=sched, l2=config.l2, inner_lr=config.inner_lr,
       inner_momentum=config.inner_momentum, num_inners=config.num_inners,
       gap_scale=config.gap_scale, env_grad=config.env_grad,
       embed_dim=config.embed_dim, eb_hidden=config.eb_hidden)
@@ -114,7 +116,15 @@ def build_run(config, seed=0, data_dir=None, sources=None):
     from jirm import convert  # pylint: disable=g-import-not-at-top
     init_params = convert.load_torchvision_resnet(config.pretrained,
                                                   config.model)
-  fit_kw = dict(steps=steps,
+  step_factory = None
+  if config.method == "ipg":
+    from jirm import ipg  # pylint: disable=g-import-not-at-top
+    p = config.ipg
+    pairs = ipg.cifar_mnist_pairs(splits.train, num_pairs=p.num_pairs or None,
+                                  seed=seed)
+    step_factory = ipg.deep_step_factory(
+        pairs, threshold=p.threshold, alpha=p.alpha, pair_batch=p.pair_batch)
+  fit_kw = dict(steps=steps, step_factory=step_factory,
                 batch_size=config.batch_size, game=game,
                 anneal_step=anneal_step, head_update=head_update,
                 init_params=init_params, eval_every=config.eval_every,
@@ -133,13 +143,19 @@ def run_restart(config, seed, checkpoint_dir=None, data_dir=None,
                  desc=f"{config.method} seed {seed}",
                  checkpoint_dir=checkpoint_dir,
                  checkpoint_every=config.checkpoint_every, **fit_kw)
+  desc = objective.describe()
+  if config.method == "ipg":
+    p = config.ipg
+    desc = (f"IPG(t={p.threshold:g}, alpha={p.alpha:g}, pairs="
+            f"{p.pair_batch}/{p.num_pairs or 'all'}) on {desc}")
   return common.records_from_fit(
-      res, config, seed, objective.describe(), splits.info, time.time() - t0,
+      res, config, seed, desc, splits.info, time.time() - t0,
       model=config.model, envs=config.data.envs,
       pretrained=config.pretrained or "none (trained from scratch)",
       note=config.note,
       steps=fit_kw["steps"], anneal_step=fit_kw["anneal_step"],
-      head_update=fit_kw["head_update"])
+      head_update=fit_kw["head_update"],
+      **({"ipg": config.ipg.to_dict()} if config.method == "ipg" else {}))
 
 
 def write_reports(output_dir):

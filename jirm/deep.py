@@ -640,7 +640,8 @@ def fit(splits: data_lib.EnvSplits, *, model: DeepModel,
         eval_every: int = 50, eval_train_max: Optional[int] = 1000,
         progress: bool = False, desc: str = "",
         checkpoint_dir: Optional[str] = None,
-        checkpoint_every: int = 200) -> train_lib.FitResult:
+        checkpoint_every: int = 200,
+        step_factory: Callable = None) -> train_lib.FitResult:
   """Trains a deep model on ``splits.train``; like :func:`jirm.train.fit`.
 
   Args:
@@ -656,6 +657,8 @@ def fit(splits: data_lib.EnvSplits, *, model: DeepModel,
     eval_every: evaluate every env this often (eval-mode BatchNorm).
     eval_train_max: evaluate training envs on their first this many samples
       (None: all).
+    step_factory: builds the step with :func:`make_step`'s signature
+      (default :func:`make_step`; e.g. :func:`jirm.ipg.deep_step_factory`).
 
   Returns:
     :class:`jirm.train.FitResult` (``params`` holds ``(params,
@@ -684,11 +687,10 @@ def fit(splits: data_lib.EnvSplits, *, model: DeepModel,
       k_game, params["head"], feat_dim, splits.train.num_envs)
   state = DeepState(jnp.zeros((), jnp.int32), params, batch_stats,
                     optimizer.init(params), game_state, k_train)
-  step_fn = jax.jit(make_step(model, objective, optimizer,
-                              batch_size=batch_size, task=splits.task,
-                              game=game, anneal_step=anneal_step,
-                              head_update=head_update, transform=transform),
-                    donate_argnums=0)
+  step_fn = jax.jit((step_factory or make_step)(
+      model, objective, optimizer, batch_size=batch_size, task=splits.task,
+      game=game, anneal_step=anneal_step, head_update=head_update,
+      transform=transform), donate_argnums=0)
   eval_fn = jax.jit(make_eval_fn(model, splits.task,
                                  chunk=100 if transform == "irmbed" else 500,
                                  transform=transform))

@@ -212,6 +212,59 @@ class IPG(NamedTuple):
   update: Callable
 
 
+def _as_objective(objective):
+  return objective * 1.0 if isinstance(objective, objectives.Term) else (
+      objective)
+
+
+def _pair_sampler(pairs: Pairs, pair_batch: int):
+  """``rng -> (x1 [P, ...], x2 [P, ...])``: P pairs without replacement."""
+  pool_x = jnp.asarray(pairs.x)
+  num = pool_x.shape[0]
+  p = min(int(pair_batch), num)
+
+  def sample(rng):
+    x = pool_x[jax.random.permutation(rng, num)[:p]]
+    return x[:, 0], x[:, 1]
+
+  return sample
+
+
+def two_step(optimizer: optax.GradientTransformation, params, opt_state, *,
+             distance: Callable, loss_grad: Callable, pair_logits: Callable,
+             threshold: float, alpha: float, task: str = "binary"):
+  """IPG's update from ``params``: an optimizer step on g_d = grad d(I),
+  then one on g_L at the corrected parameters, rescaled to
+  ``alpha * ||g_d||`` when c(I) > ``threshold``.
+
+  Args:
+    optimizer, params, opt_state: the optax optimizer and its state.
+    distance: ``params -> d(I)``.
+    loss_grad: ``params -> (g_L, aux)``.
+    pair_logits: ``params -> (logits1, logits2)`` of the pair members.
+    threshold, alpha, task: see :func:`ipg`.
+
+  Returns:
+    ``(params, opt_state, aux, ipg_aux)``: ``aux`` from ``loss_grad``;
+    ``ipg_aux`` holds ``ipg_d``, ``ipg_c``, ``ipg_gated`` and both gradient
+    norms.
+  """
+  d, g_d = jax.value_and_grad(distance)(params)
+  upd, opt_state = optimizer.update(g_d, opt_state, params)
+  params = optax.apply_updates(params, upd)
+  g_l, aux = loss_grad(params)
+  c = symmetric_kl(*pair_logits(params), task)
+  gd_norm, gl_norm = optax.global_norm(g_d), optax.global_norm(g_l)
+  gated = c > threshold
+  scale = jnp.where(gated, alpha * gd_norm / jnp.maximum(gl_norm, 1e-30), 1.0)
+  upd, opt_state = optimizer.update(jax.tree.map(lambda g: g * scale, g_l),
+                                    opt_state, params)
+  params = optax.apply_updates(params, upd)
+  return params, opt_state, aux, dict(
+      ipg_d=d, ipg_c=c, ipg_gated=gated.astype(jnp.float32),
+      ipg_gd_norm=gd_norm, ipg_gl_norm=gl_norm)
+
+
 def mlp_head_kernel(params):
   """The final-layer weights ``[D, C]`` of :class:`jirm.models.MLP`."""
   return params["params"]["head"]["kernel"]
@@ -243,8 +296,7 @@ def ipg(*, model, objective: objectives.Objective,
     An :class:`IPG`.
   """
   pairs.check()
-  if isinstance(objective, objectives.Term):
-    objective = objective * 1.0
+  objective = _as_objective(objective)
   apply_fn = model.apply
   if alpha <= 0 or threshold < 0:
     raise ValueError(f"alpha={alpha!r} must be > 0 and threshold="
@@ -252,19 +304,13 @@ def ipg(*, model, objective: objectives.Objective,
   if objective.schedule() is not None and objective.schedule().reset_step:
     raise ValueError("IPG does not support schedules that reset the "
                      "optimizer (domainbed); use the 'irm' or 'lin' preset.")
-  pool_x = jnp.asarray(pairs.x)
-  num = pool_x.shape[0]
-  p = min(int(pair_batch), num)
+  sample_pairs = _pair_sampler(pairs, pair_batch)
 
-  def pair_batch_fn(rng):
-    idx = jax.random.permutation(rng, num)[:p]
-    x = pool_x[idx]
-    return x[:, 0], x[:, 1]
-
-  def distance(params, x1, x2):
-    f1, l1 = apply_fn(params, x1, return_features=True)
-    f2, l2 = apply_fn(params, x2, return_features=True)
-    return rationale_distance(f1, f2, head_kernel(params)), (l1, l2)
+  def features_logits(params, x1, x2):
+    # One pass over both members.
+    f, logits = apply_fn(params, jnp.concatenate([x1, x2]),
+                         return_features=True)
+    return jnp.split(f, 2), jnp.split(logits, 2)
 
   def loss_fn(params, batch, rng, step):
     logits = train_lib.forward(apply_fn, params, batch.x)
@@ -283,31 +329,19 @@ def ipg(*, model, objective: objectives.Objective,
   def update(state: train_lib.TrainState, data: train_lib.EnvArrays):
     k_pair, k_batch, k_obj = jax.random.split(
         jax.random.fold_in(state.rng, state.step), 3)
-    x1, x2 = pair_batch_fn(k_pair)
-    # Step 1: the corrective gradient.
-    (d, _), g_d = jax.value_and_grad(distance, has_aux=True)(state.params,
-                                                              x1, x2)
-    upd, opt_state = optimizer.update(g_d, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, upd)
-    # Step 2: the (gated) loss gradient at the corrected parameters.
+    x1, x2 = sample_pairs(k_pair)
     batch = data if batch_size is None else train_lib._sample_batch(  # pylint: disable=protected-access
         data, k_batch, batch_size)
-    g_l, aux = jax.grad(loss_fn, has_aux=True)(params, batch, k_obj,
-                                               state.step)
-    l1 = apply_fn(params, x1)
-    l2 = apply_fn(params, x2)
-    c = symmetric_kl(l1, l2, task)
-    gd_norm, gl_norm = optax.global_norm(g_d), optax.global_norm(g_l)
-    gated = c > threshold
-    scale = jnp.where(gated, alpha * gd_norm / jnp.maximum(gl_norm, 1e-30),
-                      1.0)
-    g_l = jax.tree.map(lambda g: g * scale, g_l)
-    upd, opt_state = optimizer.update(g_l, opt_state, params)
-    params = optax.apply_updates(params, upd)
-    aux.update(ipg_d=d, ipg_c=c, ipg_gated=gated.astype(jnp.float32),
-               ipg_gd_norm=gd_norm, ipg_gl_norm=gl_norm)
+    params, opt_state, aux, ipg_aux = two_step(
+        optimizer, state.params, state.opt_state,
+        distance=lambda p: rationale_distance(
+            *features_logits(p, x1, x2)[0], head_kernel(p)),
+        loss_grad=lambda p: jax.grad(loss_fn, has_aux=True)(
+            p, batch, k_obj, state.step),
+        pair_logits=lambda p: features_logits(p, x1, x2)[1],
+        threshold=threshold, alpha=alpha, task=task)
     return train_lib.TrainState(state.step + 1, params, opt_state,
-                                state.rng), aux
+                                state.rng), dict(aux, **ipg_aux)
 
   return IPG(init, update)
 
@@ -342,3 +376,76 @@ def fit(splits: data_lib.EnvSplits, *, model, pairs: Pairs,
   return train_lib.FitResult(state.params, history,
                              train_lib.select(history, env_names), env_names,
                              time.time() - t0)
+
+
+def deep_head_kernel(params):
+  """The linear head's weights ``[D, C]`` of a :class:`jirm.deep.DeepModel`
+  (``resnet.LinearHead``)."""
+  return params["head"]["params"]["fc"]["kernel"]
+
+
+def deep_step_factory(pairs: Pairs, *, threshold: float = 2e-6,
+                      alpha: float = 1.0, pair_batch: int = 300,
+                      head_kernel: Callable = deep_head_kernel) -> Callable:
+  """IPG for deep models: a ``step_factory`` for :func:`jirm.deep.fit`.
+
+  The returned factory has :func:`jirm.deep.make_step`'s signature and
+  builds IPG's two-step update on a balanced epoch batch. Both pair members
+  go through one train-mode forward pass (shared BatchNorm statistics, which
+  are not kept); the loss pass updates the BatchNorm statistics as usual.
+
+  Example:
+    >>> pairs = ipg.cifar_mnist_pairs(splits.train, num_pairs=1000)
+    >>> res = deep.fit(splits, model=model, objective=jirm.erm(reduction=
+    ...     'pooled'), optimizer=optax.adam(1e-3), steps=280, batch_size=64,
+    ...     step_factory=ipg.deep_step_factory(pairs, alpha=0.2))
+  """
+  pairs.check()
+  from jirm import deep  # pylint: disable=g-import-not-at-top
+  sample_pairs = _pair_sampler(pairs, pair_batch)
+
+  def factory(model, objective, optimizer, *, batch_size, task="binary",
+              game=None, anneal_step=0, head_update="total",
+              transform="none"):
+    del anneal_step
+    objective = _as_objective(objective)
+    if game is not None or head_update != "total" or transform != "none":
+      raise ValueError("IPG's deep step takes no game, head_update='total' "
+                       "and transform='none'.")
+
+    def pair_pass(params, batch_stats, x1, x2):
+      feats, _ = model.features(params, batch_stats,
+                                jnp.concatenate([x1, x2]), train=True)
+      logits = model.head_fn(params["head"], feats)
+      return jnp.split(feats, 2), jnp.split(logits, 2)
+
+    def loss_fn(params, batch_stats, batch, rng, step):
+      feats, logits, new_bs = deep._forward(  # pylint: disable=protected-access
+          model, params, batch_stats, batch.x, train=True)
+      out = objectives.Outputs(logits, batch.y, batch.valid, params, rng,
+                               task, feats, model.head_fn, params["head"])
+      total, aux = objective(out, step)
+      aux["train_acc"] = objectives.accuracy(logits, batch.y, batch.valid,
+                                             task).mean()
+      return total, (aux, new_bs)
+
+    def step_fn(state, data: train_lib.EnvArrays):
+      k = jax.random.fold_in(state.rng, state.step)
+      k_pair, k_obj = jax.random.split(jax.random.fold_in(k, 3))
+      x1, x2 = sample_pairs(k_pair)
+      batch = train_lib.epoch_batch(data, state.rng, state.step, batch_size)
+      bs = state.batch_stats
+      params, opt_state, (aux, new_bs), ipg_aux = two_step(
+          optimizer, state.params, state.opt_state,
+          distance=lambda p: rationale_distance(
+              *pair_pass(p, bs, x1, x2)[0], head_kernel(p)),
+          loss_grad=lambda p: jax.grad(loss_fn, has_aux=True)(
+              p, bs, batch, k_obj, state.step),
+          pair_logits=lambda p: pair_pass(p, bs, x1, x2)[1],
+          threshold=threshold, alpha=alpha, task=task)
+      return deep.DeepState(state.step + 1, params, new_bs, opt_state,
+                            state.game, state.rng), dict(aux, **ipg_aux)
+
+    return step_fn
+
+  return factory

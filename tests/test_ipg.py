@@ -205,3 +205,46 @@ def test_colored_mnist_experiment_runs_ipg(tmp_path, synthetic_mnist):
   assert os.path.getsize(os.path.join(out, "ipg_curves.png")) > 1000
   assert "| ipg | quick | last | 1 |" in open(
       os.path.join(out, "summary.md")).read()
+
+
+def test_deep_ipg_runs_three_steps_on_the_tiny_resnet():
+  import optax as _optax  # pylint: disable=g-import-not-at-top
+  from jirm import deep  # pylint: disable=g-import-not-at-top
+  sources = jirm.data.synthetic_cifar_mnist_sources(num_per_class=300, seed=0)
+  s = jirm.data.cifar_mnist(seed=0, train_num=200, test_num=40, val="none",
+                            sources=sources)
+  pairs = ipg.cifar_mnist_pairs(s.train, num_pairs=40, seed=0)
+  model = deep.deep_model("tiny")
+  res = deep.fit(s, model=model, objective=jirm.erm(reduction="pooled"),
+                 optimizer=_optax.adam(1e-3), steps=3, batch_size=16,
+                 eval_every=3, eval_train_max=50,
+                 step_factory=ipg.deep_step_factory(pairs, threshold=0.0,
+                                                    alpha=0.5, pair_batch=8))
+  h = res.history
+  assert np.isfinite(h["ipg_d"]).all() and h["ipg_d"][-1] > 0
+  assert h["ipg_gated"][-1] == 1.0
+  params0, _ = model.init(jax.random.split(jax.random.key(0), 3)[0],
+                          jnp.asarray(s.train.x[0, :1]))
+  moved = [float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(res.params[0]["encoder"]),
+      jax.tree.leaves(params0["encoder"]))]
+  assert max(moved) > 0
+
+
+def test_cifar_mnist_experiment_runs_ipg(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  from experiments import cifar_mnist  # pylint: disable=g-import-not-at-top
+  from jirm import results as results_lib  # pylint: disable=g-import-not-at-top
+  sources = jirm.data.synthetic_cifar_mnist_sources(300)
+  out = str(tmp_path / "cifar_ipg")
+  cifar_mnist.run(("ipg",), preset="quick", model="tiny", envs=2, restarts=1,
+                  seed=0, output_dir=out,
+                  overrides=["epochs=1", "data.train_num=200",
+                             "data.test_num=50", "ipg.num_pairs=30"],
+                  progress=False, sources=sources)
+  last = [r for r in results_lib.read_jsonl(os.path.join(out,
+                                                         "results.jsonl"))
+          if r["selection"] == "last"]
+  assert len(last) == 1 and last[0]["method"] == "ipg"
+  assert last[0]["objective"].startswith("IPG(t=2e-06, alpha=0.2, pairs=8/30)")
+  assert last[0]["ipg"]["num_pairs"] == 30
