@@ -17,7 +17,6 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import optax
 
 from experiments import common
@@ -220,14 +219,9 @@ def run(methods, preset, model, envs, restarts, seed, output_dir,
 
 def main(argv):
   del argv
-  jirm.runtime.configure_cpu()  # Before any JAX computation.
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  if FLAGS.report_only:
-    write_reports(FLAGS.output_dir)
+  if common.start(FLAGS, write_reports):
     return
-  methods = (configs.METHODS if FLAGS.method == "all" else
-             tuple(m.strip() for m in FLAGS.method.split(",")))
+  methods = common.method_list(FLAGS.method, configs.METHODS)
   common.exit_on_bad_input(
       run, methods, FLAGS.preset, FLAGS.model, int(FLAGS.envs),
       FLAGS.restarts, FLAGS.seed, FLAGS.output_dir, FLAGS.data_dir,

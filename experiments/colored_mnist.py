@@ -22,7 +22,6 @@ import numpy as np
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from experiments import common
 from experiments.configs import colored_mnist as configs
@@ -193,10 +192,7 @@ def plot_ipg_curves(records, path):
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7)
   fig.tight_layout()
-  tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
-  fig.savefig(tmp, dpi=120, format="png")
-  plt.close(fig)
-  os.replace(tmp, path)
+  results_lib.save_figure(fig, path)
 
 
 def run(methods, preset, restarts, seed, output_dir, data_dir=None,
@@ -225,14 +221,9 @@ def write_reports(output_dir):
 
 def main(argv):
   del argv
-  jirm.runtime.configure_cpu()  # Before any JAX computation.
-  if not FLAGS["verbosity"].present:  # Keep tfds/orbax INFO chatter out.
-    logging.set_verbosity(logging.WARNING)
-  if FLAGS.report_only:
-    write_reports(FLAGS.output_dir)
+  if common.start(FLAGS, write_reports):
     return
-  methods = (METHODS_ALL if FLAGS.method == "all" else
-             tuple(m.strip() for m in FLAGS.method.split(",")))
+  methods = common.method_list(FLAGS.method, METHODS_ALL)
   for m in methods:
     if m not in OTHER_METHODS:
       jirm.methods.get(m)

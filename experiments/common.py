@@ -69,6 +69,27 @@ def run_restarts(configs, restarts, seed, output_dir, run_restart, report,
       report(output_dir)
 
 
+def start(flags_, write_reports) -> bool:
+  """Common start of an experiment's ``main``: CPU runtime settings (before
+  any JAX computation), quiet logging unless ``--verbosity`` is given, and
+  ``--report_only``. Returns True when ``main`` should stop here."""
+  import jirm  # pylint: disable=g-import-not-at-top
+  jirm.runtime.configure_cpu()
+  if not flags_["verbosity"].present:  # Keep tfds/orbax INFO chatter out.
+    logging.set_verbosity(logging.WARNING)
+  if flags_.report_only:
+    write_reports(flags_.output_dir)
+    return True
+  return False
+
+
+def method_list(value: str, all_methods) -> tuple:
+  """``--method`` value -> methods: ``'all'`` or a comma list."""
+  if value == "all":
+    return tuple(all_methods)
+  return tuple(m.strip() for m in value.split(",") if m.strip())
+
+
 def exit_on_bad_input(fn, *args, **kwargs):
   """Runs ``fn``; a bad flag or missing data (``ValueError``, including
   :class:`jirm.data.DataError`) prints its message and exits with status 2

@@ -26,7 +26,6 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
 from experiments import common
@@ -201,12 +200,6 @@ def summary(records) -> tuple[str, str]:
   return "\n".join(lines) + "\n", "\n".join(csv) + "\n"
 
 
-def _save(fig, path):
-  tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
-  fig.savefig(tmp, dpi=120, format="png")
-  os.replace(tmp, path)
-
-
 def plots(records, output_dir):
   """curves.png, lambda.png and (with a weight sweep) weights.png."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -231,8 +224,7 @@ def plots(records, output_dir):
   axes[0].set_ylabel("accuracy (%)")
   axes[1].legend(fontsize=6)
   fig.tight_layout()
-  _save(fig, os.path.join(output_dir, "curves.png"))
-  plt.close(fig)
+  results_lib.save_figure(fig, os.path.join(output_dir, "curves.png"))
 
   learned = [(k, v) for k, v in main if "lam" in v["last"][0]["curve"]]
   inferred = [(k, v) for k, v in main if "rho_gap" in v["last"][0]["curve"]]
@@ -263,8 +255,7 @@ def plots(records, output_dir):
       if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, os.path.join(output_dir, "lambda.png"))
-    plt.close(fig)
+    results_lib.save_figure(fig, os.path.join(output_dir, "lambda.png"))
 
   sweeps = collections.defaultdict(list)
   for (method, preset, cons, weight), by_rule in groups.items():
@@ -290,8 +281,7 @@ def plots(records, output_dir):
     axes[0].set_ylabel("accuracy (%)")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, os.path.join(output_dir, "weights.png"))
-    plt.close(fig)
+    results_lib.save_figure(fig, os.path.join(output_dir, "weights.png"))
 
 
 def write_reports(output_dir):
@@ -306,14 +296,9 @@ def write_reports(output_dir):
 
 def main(argv):
   del argv
-  jirm.runtime.configure_cpu()
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  if FLAGS.report_only:
-    write_reports(FLAGS.output_dir)
+  if common.start(FLAGS, write_reports):
     return
-  methods = (METHODS_ALL if FLAGS.method == "all" else
-             tuple(m.strip() for m in FLAGS.method.split(",")))
+  methods = common.method_list(FLAGS.method, METHODS_ALL)
   common.exit_on_bad_input(run, methods, FLAGS.preset, FLAGS.restarts,
                            FLAGS.seed, FLAGS.output_dir, FLAGS.set,
                            tuple(float(w) for w in FLAGS.weights))

@@ -21,7 +21,6 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
@@ -308,10 +307,7 @@ def flip_heatmap(methods, hidden, output_dir, params_dirs, *, seed=0,
     ax.set(title=f"{m}: mean |h(x) - h(flip x)| = {d.mean():.3f}",
            ylabel="image", xlabel="hidden unit")
   fig.colorbar(im, ax=axes[:, 0].tolist())
-  tmp = os.path.join(output_dir, "flip.tmp.png")
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  os.replace(tmp, os.path.join(output_dir, "flip.png"))
+  results_lib.save_figure(fig, os.path.join(output_dir, "flip.png"), dpi=100)
   return {m: float(d.mean()) for m, d in zip(methods, diffs)}
 
 
@@ -412,19 +408,12 @@ def _plot_overparam(cells, path):
            title=f"{key[0]} {key[1]}, {key[2]}")
     ax.legend(fontsize=7)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  os.replace(tmp, path)
+  results_lib.save_figure(fig, path, dpi=100)
 
 
 def main(argv):
   del argv
-  jirm.runtime.configure_cpu()
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  if FLAGS.report_only:
-    write_reports(FLAGS.output_dir)
+  if common.start(FLAGS, write_reports):
     return
   methods = [m.strip() for m in FLAGS.methods.split(",")]
   if FLAGS.ablation != "none":

@@ -72,6 +72,17 @@ def summary_table(records: Sequence[dict], published: dict | None = None,
   return "\n".join(lines).lstrip("\n") + "\n"
 
 
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+  """Saves a matplotlib figure atomically (temporary file, then rename) and
+  closes it."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(path)
+  tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+  fig.savefig(tmp, dpi=dpi, format="png")
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
 def plot_curves(records: Sequence[dict], path: str, title: str = "") -> None:
   """train/test accuracy against step, mean over restarts, one colour per
   method (records with a ``curve`` field, selection ``last``)."""
@@ -98,8 +109,4 @@ def plot_curves(records: Sequence[dict], path: str, title: str = "") -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
-  tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                     ".tmp-" + os.path.basename(path))
-  fig.savefig(tmp, dpi=120, format="png")
-  plt.close(fig)
-  os.replace(tmp, path)
+  save_figure(fig, path)
