@@ -68,9 +68,9 @@ def define_flags():
 
 def build_run(config, seed=0, data_dir=None, sources=None):
   """Config -> (splits, model, objective, optimizer, fit kwargs)."""
-  # IPG trains the ERM model with its own step (jirm.ipg).
-  method = deep.DEEP_METHODS["erm" if config.method == "ipg" else
-                             config.method]
+  # IPG trains the ERM model and objective with its own step (jirm.ipg).
+  name = "erm" if config.method == "ipg" else config.method
+  method = deep.DEEP_METHODS[name]
   d = config.data
   splits = jirm.data.cifar_mnist(
       seed, envs=d.envs, label_noise=d.label_noise, oracle=method.oracle,
@@ -87,7 +87,7 @@ def build_run(config, seed=0, data_dir=None, sources=None):
                            anneal=config.anneal_epochs, ramp=config.ramp,
                            steps_per_epoch=steps_per_epoch)
   objective, game = deep.build_method(
-      "erm" if config.method == "ipg" else config.method, schedule=sched, l2=config.l2, inner_lr=config.inner_lr,
+      name, schedule=sched, l2=config.l2, inner_lr=config.inner_lr,
       inner_momentum=config.inner_momentum, num_inners=config.num_inners,
       gap_scale=config.gap_scale, env_grad=config.env_grad,
       embed_dim=config.embed_dim, eb_hidden=config.eb_hidden)
@@ -144,9 +144,8 @@ def run_restart(config, seed, checkpoint_dir=None, data_dir=None,
                  checkpoint_every=config.checkpoint_every, **fit_kw)
   desc = objective.describe()
   if config.method == "ipg":
-    p = config.ipg
-    desc = (f"IPG(t={p.threshold:g}, alpha={p.alpha:g}, pairs="
-            f"{p.pair_batch}/{p.num_pairs or 'all'}) on {desc}")
+    from jirm import ipg  # pylint: disable=g-import-not-at-top
+    desc = ipg.describe(objective, **config.ipg.to_dict())
   return common.records_from_fit(
       res, config, seed, desc, splits.info, time.time() - t0,
       model=config.model, envs=config.data.envs,

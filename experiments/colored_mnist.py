@@ -151,8 +151,9 @@ def _run_ipg(config, seed, data_dir, progress, mnist, checkpoint_dir, t0):
                 desc=f"ipg seed {seed}", checkpoint_dir=checkpoint_dir,
                 checkpoint_every=config.checkpoint_every)
   records = common.records_from_fit(
-      res, config, seed, f"IPG(t={p.threshold:g}, alpha={p.alpha:g}, "
-      f"pairs={p.pair_batch}/{p.num_pairs}) on {objective.describe()}",
+      res, config, seed,
+      ipg.describe(objective, threshold=p.threshold, alpha=p.alpha,
+                   pair_batch=p.pair_batch, num_pairs=p.num_pairs),
       splits.info, time.time() - t0)
   h = res.history
   for r in records:

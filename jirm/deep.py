@@ -142,10 +142,6 @@ def _stack(tree, n):
   return jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), tree)
 
 
-def _select(flag, new, old):
-  return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
-
-
 def _fit_inner(opt, params, opt_state, loss_fn, num_inners):
   """``num_inners`` optax steps on ``loss_fn`` as a ``fori_loop``."""
 
@@ -227,8 +223,8 @@ def invrat_ec(level: str = "h", *, lr: float = 0.01, momentum: float = 0.9,
 
   def inner(state, head_params, out, reset):
     p0 = fresh(head_params, out.logits.shape[0])
-    p = _select(reset, p0, state.env_params)
-    s = _select(reset, opt.init(p0), state.opt_state)
+    p = train_lib.tree_where(reset, p0, state.env_params)
+    s = train_lib.tree_where(reset, opt.init(p0), state.opt_state)
     loss = lambda ep: _pooled_bce(out, env_logits(ep, out, out.features,
                                                    out.logits))
     p, s = _fit_inner(opt, p, s, loss, num_inners)
@@ -582,7 +578,7 @@ def make_step(model: DeepModel, objective: objectives.Objective,
         loss_fn, has_aux=True)(state.params, state, batch, k_obj)
     after = state.step >= anneal_step
     if head_update == "erm":
-      grads["head"] = _select(after, erm_hg, grads["head"])
+      grads["head"] = train_lib.tree_where(after, erm_hg, grads["head"])
     elif head_update in ("frozen", "inner"):
       keep = jnp.logical_not(after) if head_update == "frozen" else False
       grads["head"] = jax.tree.map(lambda g: g * keep, grads["head"])

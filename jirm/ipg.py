@@ -265,6 +265,14 @@ def two_step(optimizer: optax.GradientTransformation, params, opt_state, *,
       ipg_gd_norm=gd_norm, ipg_gl_norm=gl_norm)
 
 
+def describe(objective, *, threshold: float, alpha: float, pair_batch: int,
+             num_pairs: Optional[int]) -> str:
+  """Records' label of an IPG run, e.g. ``IPG(t=2e-06, alpha=0.2,
+  pairs=300/all) on erm + 0.0011*l2``."""
+  return (f"IPG(t={threshold:g}, alpha={alpha:g}, pairs={pair_batch}/"
+          f"{num_pairs or 'all'}) on {_as_objective(objective).describe()}")
+
+
 def mlp_head_kernel(params):
   """The final-layer weights ``[D, C]`` of :class:`jirm.models.MLP`."""
   return params["params"]["head"]["kernel"]
@@ -312,13 +320,7 @@ def ipg(*, model, objective: objectives.Objective,
                          return_features=True)
     return jnp.split(f, 2), jnp.split(logits, 2)
 
-  def loss_fn(params, batch, rng, step):
-    logits = train_lib.forward(apply_fn, params, batch.x)
-    out = objectives.Outputs(logits, batch.y, batch.valid, params, rng, task)
-    total, aux = objective(out, step)
-    aux["train_acc"] = objectives.accuracy(logits, batch.y, batch.valid,
-                                           task).mean()
-    return total, aux
+  loss_fn = train_lib.make_loss_fn(apply_fn, objective, task)
 
   def init(key, x_1X):
     k_init, k_run = jax.random.split(key)

@@ -160,10 +160,6 @@ class TVMethod(NamedTuple):
   describe: str
 
 
-def _tree_where(cond, new, old):
-  return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
-
-
 def _normalised_ascent(params, grads, lr, k):
   """params + lr * g / (k * ||g||) style step (no move when ||g|| = 0)."""
   norm = optax.global_norm(grads)
@@ -284,8 +280,7 @@ def tv_method(*, penalty: Optional[str] = "l1", envs: str = "given",
     w_KM = weights(state, batch)
     (_, aux), (g_params, g_lam) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(
-            state.params, state.lam_params, jax.lax.stop_gradient(w_KM),
-            batch, step)
+            state.params, state.lam_params, w_KM, batch, step)
     updates, opt_state = optimizer.update(g_params, state.opt_state,
                                           state.params)
     params = optax.apply_updates(state.params, updates)
@@ -297,19 +292,19 @@ def tv_method(*, penalty: Optional[str] = "l1", envs: str = "given",
         w = weights(state._replace(infer_params=ip), batch)
         return pen_term.value(outputs(state.params, w, batch))
       g_inf = jax.grad(pen_of)(state.infer_params)
-      sign = -1.0 if infer_ascent else 1.0
+      if not infer_ascent:  # The buggy release copy descends.
+        g_inf = jax.tree.map(jnp.negative, g_inf)
       active = step < anneal
-      if infer_update == "adam":
-        upd, new_opt = infer_opt.update(jax.tree.map(lambda g: sign * g,
-                                                     g_inf),
+      if infer_update == "adam":  # Adam minimises: feed it -g to ascend.
+        upd, new_opt = infer_opt.update(jax.tree.map(jnp.negative, g_inf),
                                         state.infer_opt_state)
         new_inf = optax.apply_updates(state.infer_params, upd)
-        infer_opt_state = _tree_where(active, new_opt, state.infer_opt_state)
+        infer_opt_state = train_lib.tree_where(active, new_opt,
+                                               state.infer_opt_state)
       else:
-        new_inf = _normalised_ascent(
-            state.infer_params, jax.tree.map(lambda g: -sign * g, g_inf),
-            infer_lr, (step + 1).astype(jnp.float32))
-      infer_params = _tree_where(active, new_inf, state.infer_params)
+        new_inf = _normalised_ascent(state.infer_params, g_inf, infer_lr,
+                                     (step + 1).astype(jnp.float32))
+      infer_params = train_lib.tree_where(active, new_inf, state.infer_params)
       rho = w_KM[0]
       env0 = batch.envs[0]
       aux["rho_gap"] = jnp.abs((rho * env0).sum() / env0.sum() -
@@ -320,7 +315,8 @@ def tv_method(*, penalty: Optional[str] = "l1", envs: str = "given",
     if learned_lambda:
       k = jnp.maximum(step - anneal + 1, 1).astype(jnp.float32) ** ood_power
       new_lam = _normalised_ascent(state.lam_params, g_lam, ood_lr, k)
-      lam_params = _tree_where(step >= anneal, new_lam, state.lam_params)
+      lam_params = train_lib.tree_where(step >= anneal, new_lam,
+                                        state.lam_params)
     return TVState(step + 1, params, opt_state, infer_params,
                    infer_opt_state, lam_params), aux
 
@@ -334,6 +330,7 @@ def tv_method(*, penalty: Optional[str] = "l1", envs: str = "given",
                  f" lr={infer_lr:g} until step {anneal})")
   if pen_term is not None and learned_lambda:
     parts.insert(1, f"c*lambda*{pen_term.describe()}")
+
   def predict(state, x):
     return model.apply(state.params, x)
 

@@ -99,14 +99,36 @@ def epoch_batch(data: EnvArrays, rng, step, batch_size: int) -> EnvArrays:
   return EnvArrays(take(data.x), take(data.y), take(data.valid))
 
 
+def tree_where(cond, new, old):
+  """``new`` where the traced boolean ``cond`` holds, else ``old`` (leafwise;
+  selects state inside jit without Python branching)."""
+  return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
+
+
 def reset_at(optimizer: optax.GradientTransformation, opt_state, params,
              step, reset_step: Optional[int]):
   """``optimizer.init(params)`` when ``step == reset_step``, else
   ``opt_state`` (traced: no retrace at the reset). None never resets."""
   if reset_step is None:
     return opt_state
-  return jax.tree.map(lambda f, o: jnp.where(step == reset_step, f, o),
-                      optimizer.init(params), opt_state)
+  return tree_where(step == reset_step, optimizer.init(params), opt_state)
+
+
+def make_loss_fn(apply_fn, objective: objectives.Objective,
+                 task: str = "binary"):
+  """``loss(params, batch, rng, step) -> (total, aux)``: one forward pass
+  over all environments, the objective, and the batch accuracy in
+  ``aux['train_acc']``."""
+
+  def loss_fn(params, batch: EnvArrays, rng, step):
+    logits = forward(apply_fn, params, batch.x)
+    out = objectives.Outputs(logits, batch.y, batch.valid, params, rng, task)
+    total, aux = objective(out, step)
+    aux["train_acc"] = objectives.accuracy(logits, batch.y, batch.valid,
+                                           task).mean()
+    return total, aux
+
+  return loss_fn
 
 
 def make_train_step(apply_fn, objective: objectives.Objective,
@@ -131,13 +153,7 @@ def make_train_step(apply_fn, objective: objectives.Objective,
   if reset_step is None and sched is not None:
     reset_step = sched.reset_step
 
-  def loss_fn(params, batch: EnvArrays, rng, step):
-    logits = forward(apply_fn, params, batch.x)
-    out = objectives.Outputs(logits, batch.y, batch.valid, params, rng, task)
-    total, aux = objective(out, step)
-    aux["train_acc"] = objectives.accuracy(logits, batch.y, batch.valid,
-                                           task).mean()
-    return total, aux
+  loss_fn = make_loss_fn(apply_fn, objective, task)
 
   def step_fn(state: TrainState, data: EnvArrays):
     k_batch, k_obj = jax.random.split(jax.random.fold_in(state.rng,
