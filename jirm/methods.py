@@ -72,7 +72,7 @@ def build_objective(method: str, *, l2: float = 0.0,
   """
   m = get(method)
   obj = objectives.erm(reduction=erm_reduction) * 1.0
-  if l2:
+  if not (isinstance(l2, (int, float)) and l2 == 0):  # l2 may be traced.
     obj = obj + l2 * objectives.l2
   if m.penalty is not None:
     if schedule is None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 
 RESCALES = ("none", "lambda_if_gt1", "one_plus_lambda_if_gt1",
@@ -91,7 +92,8 @@ def preset(name: str, *, weight: float, anneal: int, ramp: bool = False,
   Args:
     name: ``'irm'`` (IRM, REx), ``'domainbed'``, ``'irmbed'`` or ``'lin'``
       (SparseIRM, BayesianIRM, ZIN, IRM-TV).
-    weight: lambda after annealing.
+    weight: lambda after annealing (a float, or a traced scalar inside
+      :func:`jirm.sweep.fit_sweep`).
     anneal: anneal step (epoch for ``irmbed`` with ``steps_per_epoch``).
     ramp: ``irmbed`` only: ramp lambda * epoch / anneal before the anneal.
     steps_per_epoch: converts steps to epochs for per-epoch schedules.
@@ -106,7 +108,9 @@ def preset(name: str, *, weight: float, anneal: int, ramp: bool = False,
   """
   if ramp and name != "irmbed":
     raise ValueError(f"ramp=True is IRMBed's schedule; got preset {name!r}.")
-  common = dict(name=name, weight=float(weight), anneal=int(anneal),
+  # A traced weight (jirm.sweep) stays an array; anneal must be concrete.
+  weight = weight if isinstance(weight, jax.Array) else float(weight)
+  common = dict(name=name, weight=weight, anneal=int(anneal),
                 steps_per_epoch=int(steps_per_epoch))
   if name == "irm":
     return PenaltySchedule(before=1.0, rescale="lambda_if_gt1", **common)

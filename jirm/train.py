@@ -238,7 +238,8 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
         batch_size: Optional[int] = None, eval_every: int = 10,
         progress: bool = False, desc: str = "",
         checkpoint_dir: Optional[str] = None,
-        checkpoint_every: int = 100, init_params=None) -> FitResult:
+        checkpoint_every: int = 100, init_params=None, mesh=None,
+        metrics_dir: Optional[str] = None) -> FitResult:
   """Trains ``model`` on ``splits.train`` and evaluates every environment.
 
   Args:
@@ -259,6 +260,11 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
     checkpoint_every: steps between checkpoints (rounded up to an evaluation
       point).
     init_params: start from these parameters instead of a fresh init.
+    mesh: a ``jax.sharding.Mesh`` from :func:`jirm.sharding.make_mesh`: the
+      batch axis is split over its ``data`` axis, the state replicated; the
+      result equals the single-device run up to float rounding.
+    metrics_dir: write the evaluation rows (accuracies, every objective term
+      and weight) as TensorBoard scalars there.
 
   Returns:
     A :class:`FitResult`.
@@ -286,11 +292,26 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
                                     task=task, batch_size=batch_size),
                     donate_argnums=0)
   eval_fn = jax.jit(make_eval_fn(model.apply, task))
+  evals = None
+  if mesh is not None:
+    from jirm import sharding  # pylint: disable=g-import-not-at-top
+    if batch_size is not None:
+      raise ValueError("mesh= shards the full batch; minibatch sampling "
+                       "(batch_size) is single-device only.")
+    train = sharding.shard_env_arrays(train, mesh)
+    evals = {"train": train,
+             "test": sharding.shard_env_arrays(
+                 EnvArrays.from_envs(splits.test), mesh)}
+    if splits.val is not None:
+      evals["val"] = sharding.shard_env_arrays(
+          EnvArrays.from_envs(splits.val), mesh)
+    state = sharding.replicate(state, mesh)
 
   state, history, env_names = train_and_evaluate(
       state, step_fn, splits, lambda st, d: eval_fn(st.params, d)[0],
-      train=train, steps=steps, eval_every=eval_every, progress=progress, desc=desc,
-      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+      evals=evals, train=train, steps=steps, eval_every=eval_every,
+      progress=progress, desc=desc, checkpoint_dir=checkpoint_dir,
+      checkpoint_every=checkpoint_every, metrics_dir=metrics_dir)
   return FitResult(state.params, history, select(history, env_names),
                    env_names, time.time() - t0)
 
@@ -316,7 +337,7 @@ def train_and_evaluate(state, step_fn, splits: data_lib.EnvSplits, acc_fn,
     evals: name -> EnvArrays to evaluate (default train / test / val).
     train: ``splits.train`` as device arrays, if already made.
     **loop_kwargs: steps, eval_every, progress, desc, checkpoint_dir,
-      checkpoint_every.
+      checkpoint_every, metrics_dir.
 
   Returns:
     ``(state, history, env_names)``.
@@ -340,11 +361,21 @@ def train_and_evaluate(state, step_fn, splits: data_lib.EnvSplits, acc_fn,
   return state, history, env_names_of(splits)
 
 
+class DivergenceError(FloatingPointError):
+  """Training produced a NaN/Inf; the message names the step and the term."""
+
+
 def run_loop(state, step_fn, evaluate, *, steps: int, eval_every: int,
              progress: bool = False, desc: str = "",
              checkpoint_dir: Optional[str] = None,
-             checkpoint_every: int = 100):
+             checkpoint_every: int = 100, metrics_dir: Optional[str] = None):
   """The host loop shared by every trainer: step, evaluate, checkpoint.
+
+  Every step's aux values (objective terms, weights, total) are fetched at
+  the next evaluation point (no per-step host sync) and checked: the first
+  non-finite value stops the run with a :class:`DivergenceError` naming the
+  step and the term; the checkpoint directory then holds the last good
+  state (checkpoints are only written after a finite evaluation).
 
   Args:
     state: initial state (a NamedTuple with ``step`` and ``rng`` fields).
@@ -352,34 +383,89 @@ def run_loop(state, step_fn, evaluate, *, steps: int, eval_every: int,
     evaluate: ``(state, aux) -> dict`` of arrays for one history row.
     steps, eval_every, progress, desc, checkpoint_dir, checkpoint_every: see
       :func:`fit`.
+    metrics_dir: if set, every step's aux scalars and every evaluation row
+      are written there as TensorBoard event files.
 
   Returns:
     ``(state, history)``, history = dict of arrays stacked over rows.
+
+  Raises:
+    DivergenceError: on a NaN/Inf aux value.
   """
   rows = []
   ckpt = None if checkpoint_dir is None else _Checkpointer(checkpoint_dir)
   if ckpt is not None:
     state, rows = ckpt.restore(state, rows)
+  writer = None if metrics_dir is None else _MetricWriter(metrics_dir)
   it = range(int(state.step), steps)
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
     it = tqdm.tqdm(it, desc=desc, leave=False, mininterval=2.0,
                    initial=int(state.step), total=steps)
   last_saved = int(state.step)
-  for i in it:
-    state, aux = step_fn(state)
-    if (i + 1) % eval_every == 0 or i + 1 == steps:
-      row = evaluate(state, aux)
-      rows.append(jax.tree.map(lambda v: np.asarray(jax.device_get(v)), row))
-      if ckpt is not None and (i + 1 - last_saved >= checkpoint_every or
-                               i + 1 == steps):
-        ckpt.save(state, rows)
-        last_saved = i + 1
-  if ckpt is not None:
-    ckpt.close()
+  pending = []
+  try:
+    for i in it:
+      state, aux = step_fn(state)
+      pending.append(aux)
+      if (i + 1) % eval_every == 0 or i + 1 == steps:
+        fetched = jax.device_get(pending)
+        _check_finite(fetched, i + 1 - len(fetched), last_saved,
+                      checkpoint_dir)
+        row = evaluate(state, aux)
+        rows.append(jax.tree.map(lambda v: np.asarray(jax.device_get(v)), row))
+        if writer is not None:
+          writer.write(i + 1 - len(fetched), fetched, rows[-1])
+        pending = []
+        if ckpt is not None and (i + 1 - last_saved >= checkpoint_every or
+                                 i + 1 == steps):
+          ckpt.save(state, rows)
+          last_saved = i + 1
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+    if writer is not None:
+      writer.close()
   history = {key: np.stack([np.asarray(r[key]) for r in rows])
              for key in rows[0]}
   return state, history
+
+
+def _check_finite(auxes, first_step, last_saved, checkpoint_dir):
+  for k, aux in enumerate(auxes):
+    for name, v in aux.items():
+      v = np.asarray(v)
+      if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
+        where = (f"; the last good checkpoint is step {last_saved} in "
+                 f"{checkpoint_dir}" if checkpoint_dir else "")
+        raise DivergenceError(
+            f"training diverged: {name} = {v.tolist()} at step "
+            f"{first_step + k}{where}. Lower the learning rate or the "
+            f"penalty weight.")
+
+
+class _MetricWriter:
+  """TensorBoard scalars: per-step aux values and evaluation rows."""
+
+  def __init__(self, directory: str):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._w = SummaryWriter(os.path.abspath(directory))
+
+  def write(self, first_step: int, auxes: list, row: dict) -> None:
+    for k, aux in enumerate(auxes):
+      for name, v in aux.items():
+        if np.size(v) == 1:
+          self._w.add_scalar(name, float(np.asarray(v)), first_step + k)
+    step = int(row["step"])
+    for name, v in row.items():
+      if name.endswith("_acc_E"):
+        v = np.asarray(v)
+        self._w.add_scalar(name[:-2], float(v.mean()), step)
+        for e, a in enumerate(v):
+          self._w.add_scalar(f"{name[:-2]}/env{e}", float(a), step)
+
+  def close(self) -> None:
+    self._w.close()
 
 
 class _Checkpointer:
