@@ -1,0 +1,102 @@
+"""Run by test_sharding.py in a subprocess with 8 fake CPU devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before JAX
+starts, which a pytest process has already done). Prints one JSON dict of
+max absolute differences between sharded and single-device results."""
+
+import json
+import os
+import sys
+
+import jax
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import optax  # pylint: disable=g-import-not-at-top
+
+sys.path.insert(0, os.path.dirname(__file__))
+import jirm  # pylint: disable=g-import-not-at-top
+from jirm import sharding  # pylint: disable=g-import-not-at-top
+from jirm import sweep  # pylint: disable=g-import-not-at-top
+from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
+from test_methods import PENALTIES  # pylint: disable=g-import-not-at-top
+
+
+def maxdiff(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) -
+                                 np.asarray(y, np.float64))))
+             for x, y in zip(la, lb))
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  mnist = jirm.data.synthetic_mnist(num_train=1200, num_test=400, seed=0)
+  splits = jirm.data.colored_mnist(seed=0, data_num=1000, mnist=mnist,
+                                   val="holdout")
+  mesh = sharding.make_mesh()  # 8-way data parallel.
+  model = jirm.models.mlp(16)
+  train = train_lib.EnvArrays.from_envs(splits.train)
+  train_sh = sharding.shard_env_arrays(train, mesh)
+  params = model.init(jax.random.key(0), train.x[0, :1])
+  rng = jax.random.key(3)
+  out = {"devices": jax.device_count(),
+         "batch_sharding": str(train_sh.x.sharding.spec)}
+  sched = jirm.schedules.preset("lin", weight=100.0, anneal=0)
+
+  # Loss and gradients of every penalty (and ERM), global vs 8 shards.
+  for name, penalty in sorted(PENALTIES.items()) + [("erm", None)]:
+    obj = jirm.erm + 1e-3 * jirm.l2
+    if penalty is not None:
+      obj = obj + sched * penalty
+    vg = jax.jit(jax.value_and_grad(train_lib.make_loss_fn(model.apply, obj),
+                                    has_aux=True))
+    (l1, _), g1 = vg(params, train, rng, 5)
+    (l8, _), g8 = vg(sharding.replicate(params, mesh), train_sh, rng, 5)
+    out[f"loss/{name}"] = maxdiff(l1, l8)
+    out[f"grad/{name}"] = maxdiff(g1, g8)
+    out[f"loss_value/{name}"] = float(l1)
+
+  # What a naive per-shard port computes: the mean of 8 shard penalties.
+  pen = jax.jit(lambda p, a: jirm.irmv1.value(jirm.Outputs(
+      train_lib.forward(model.apply, p, a.x), a.y, a.valid, p)))
+  shards = [jax.tree.map(lambda v, k=k: v[:, k::8], train) for k in range(8)]
+  out["irmv1_global"] = float(pen(params, train))
+  out["irmv1_mean_of_shards"] = float(np.mean([pen(params, s)
+                                               for s in shards]))
+
+  # 20-step trajectories of every registered method through jirm.fit.
+  for name in sorted(jirm.methods.METHODS):
+    m = jirm.methods.get(name)
+    obj = jirm.methods.build_objective(
+        name, l2=1e-3, schedule=sched if m.penalty is not None else None)
+    kw = dict(model=model, objective=obj, optimizer=optax.adam(1e-3),
+              steps=20, seed=0, eval_every=5)
+    r1 = jirm.fit(splits, **kw)
+    r8 = jirm.fit(splits, mesh=mesh, **kw)
+    out[f"fit_params/{name}"] = maxdiff(r1.params, r8.params)
+    out[f"fit_history/{name}"] = maxdiff(
+        {k: r1.history[k] for k in r1.history},
+        {k: r8.history[k] for k in r1.history})
+
+  # A sweep split 2 ways over trials and 4 ways over the batch.
+  def objective_fn(hp):
+    s = jirm.schedules.preset("irm", weight=hp["penalty_weight"], anneal=5)
+    return jirm.erm + 1e-3 * jirm.l2 + s * jirm.irmv1
+
+  kw = dict(model=model, objective_fn=objective_fn,
+            optimizer_fn=lambda hp: optax.adam(1e-3),
+            hparams=sweep.grid(penalty_weight=[10.0, 1000.0]), seeds=[0, 1],
+            steps=20, eval_every=5)
+  s1 = sweep.fit_sweep(splits, **kw)
+  s8 = sweep.fit_sweep(splits, mesh=sharding.make_mesh(sweep=2), **kw)
+  out["sweep_params"] = max(maxdiff(a.params, b.params)
+                            for a, b in zip(s1, s8))
+  out["sweep_history"] = max(maxdiff(a.history, b.history)
+                             for a, b in zip(s1, s8))
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
