@@ -59,29 +59,31 @@ def make_mesh(data: Optional[int] = None, sweep: int = 1,
   return Mesh(np.asarray(devices).reshape(sweep, data), AXES)
 
 
-def pad_batch(arrays, multiple: int):
+def pad_batch(arrays, multiple: int, axis: int = 1):
   """Pads the batch axis of an :class:`jirm.train.EnvArrays` to a multiple of
   ``multiple`` with ``valid = 0`` rows (ignored by every risk and penalty)."""
-  b = arrays.x.shape[1]
-  extra = -b % multiple
+  extra = -arrays.x.shape[axis] % multiple
   if not extra:
     return arrays
 
   def pad(a):
     widths = [(0, 0)] * a.ndim
-    widths[1] = (0, extra)
+    widths[axis] = (0, extra)
     return jnp.pad(a, widths)
 
   return type(arrays)(*(pad(a) for a in arrays))
 
 
-def shard_env_arrays(arrays, mesh: Mesh):
+def shard_env_arrays(arrays, mesh: Mesh, stacked: bool = False):
   """Places ``[E, B, ...]`` arrays with B split over ``data`` (padded to a
-  multiple of the axis size) and replicated over ``sweep``."""
-  arrays = pad_batch(arrays, mesh.shape["data"])
+  multiple of the axis size) and replicated over ``sweep``; with
+  ``stacked=True`` the arrays are ``[T, E, B, ...]`` (one per sweep trial)
+  and T is split over ``sweep``."""
+  lead = ("sweep", None, "data") if stacked else (None, "data")
+  arrays = pad_batch(arrays, mesh.shape["data"], axis=len(lead) - 1)
   return jax.tree.map(
       lambda a: jax.device_put(a, NamedSharding(
-          mesh, P(*((None, "data") + (None,) * (a.ndim - 2))))), arrays)
+          mesh, P(*(lead + (None,) * (a.ndim - len(lead)))))), arrays)
 
 
 def replicate(tree, mesh: Mesh):

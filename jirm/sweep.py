@@ -138,7 +138,7 @@ def make_run_fn(splits: data_lib.EnvSplits, *, model,
   return run
 
 
-def fit_sweep(splits: data_lib.EnvSplits, *, model,
+def fit_sweep(splits, *, model,
               objective_fn: Callable[[HParams], objectives.Objective],
               optimizer_fn: Callable[[HParams], optax.GradientTransformation],
               hparams: Optional[Mapping[str, Sequence[float]]] = None,
@@ -149,7 +149,10 @@ def fit_sweep(splits: data_lib.EnvSplits, *, model,
   """Trains every (hyperparameter point, seed) trial in one compiled program.
 
   Args:
-    splits: environments (see :mod:`jirm.data`).
+    splits: environments (see :mod:`jirm.data`) shared by all trials, or a
+      function ``seed -> EnvSplits`` when each restart draws its own data
+      (as the experiments do: label noise and colours depend on the seed);
+      the per-trial arrays are then stacked on the trial axis too.
     model: a Flax module.
     objective_fn: ``hp -> Objective``; ``hp`` maps each name in ``hparams``
       to a traced float32 scalar.
@@ -178,9 +181,18 @@ def fit_sweep(splits: data_lib.EnvSplits, *, model,
   if not seeds:
     raise ValueError("seeds is empty; give at least one seed.")
   hparams = dict(hparams or {})
-  if batch_size is not None and batch_size > min(splits.train.sizes):
+  per_seed = callable(splits)
+  splits_of = {}
+
+  def get_splits(seed):
+    if seed not in splits_of:
+      splits_of[seed] = splits(seed) if per_seed else splits
+    return splits_of[seed]
+
+  first = get_splits(seeds[0])
+  if batch_size is not None and batch_size > min(first.train.sizes):
     raise ValueError(f"batch_size={batch_size} exceeds the smallest training "
-                     f"env ({min(splits.train.sizes)} samples).")
+                     f"env ({min(first.train.sizes)} samples).")
   todo = trials(hparams, seeds)
   n = len(todo)
   chunk = n if trials_per_call is None else max(1, min(int(trials_per_call), n))
@@ -188,18 +200,29 @@ def fit_sweep(splits: data_lib.EnvSplits, *, model,
     per = mesh.shape.get("sweep", 1)
     chunk = -(-chunk // per) * per  # A multiple of the sweep axis size.
   t0 = time.time()
-  run = make_run_fn(splits, model=model, objective_fn=objective_fn,
+  run = make_run_fn(first, model=model, objective_fn=objective_fn,
                     optimizer_fn=optimizer_fn, steps=steps,
                     eval_every=eval_every, batch_size=batch_size)
-  train = train_lib.EnvArrays.from_envs(splits.train)
-  evals = {"train": train, "test": train_lib.EnvArrays.from_envs(splits.test)}
-  if splits.val is not None:
-    evals["val"] = train_lib.EnvArrays.from_envs(splits.val)
-  if mesh is not None:
-    train = sharding.shard_env_arrays(train, mesh)
-    evals = {k: (train if k == "train" else sharding.shard_env_arrays(v, mesh))
-             for k, v in evals.items()}
-  vrun = jax.jit(jax.vmap(run, in_axes=(0, 0, None, None)))
+
+  def arrays(sp):
+    ev = {"train": train_lib.EnvArrays.from_envs(sp.train),
+          "test": train_lib.EnvArrays.from_envs(sp.test)}
+    if sp.val is not None:
+      ev["val"] = train_lib.EnvArrays.from_envs(sp.val)
+    return ev
+
+  def place(ev, stacked):
+    if mesh is None:
+      return ev
+    shard = lambda a: sharding.shard_env_arrays(a, mesh, stacked=stacked)
+    return {k: shard(v) for k, v in ev.items()}
+
+  data_axis = 0 if per_seed else None
+  def sweep_run(hp, seed, ev):
+    return run(hp, seed, ev["train"], ev)
+
+  vrun = jax.jit(jax.vmap(sweep_run, in_axes=(0, 0, data_axis)))
+  shared = None if per_seed else place(arrays(first), False)
   names = sorted(hparams)
   outs = []
   for lo in range(0, n, chunk):
@@ -209,13 +232,19 @@ def fit_sweep(splits: data_lib.EnvSplits, *, model,
     seed_T = jnp.asarray([t["seed"] for t in part], jnp.uint32)
     if mesh is not None:
       hp, seed_T = sharding.shard_sweep((hp, seed_T), mesh)
-    params, history = vrun(hp, seed_T, train, evals)
+    if per_seed:
+      ev = jax.tree.map(lambda *a: jnp.stack(a),
+                        *[arrays(get_splits(t["seed"])) for t in part])
+      ev = place(ev, True)
+    else:
+      ev = shared
+    params, history = vrun(hp, seed_T, ev)
     outs.append(jax.device_get((params, history)))
     if progress:
       print(f"sweep: trials {lo + 1}-{min(lo + chunk, n)} of {n} done "
             f"({time.time() - t0:.0f}s)", flush=True)
   wall = (time.time() - t0) / n
-  env_names = train_lib.env_names_of(splits)
+  env_names = train_lib.env_names_of(first)
   results = []
   for i in range(n):
     params, history = outs[i // chunk]

@@ -57,7 +57,7 @@ def test_sweep_equals_separate_runs_with_one_compilation(splits, caplog):
   compiled = [r.getMessage() for r in caplog.records
               if "Finished XLA compilation" in r.getMessage()]
   # One program for all 8 trials (plus tiny host->device casts, no step fn).
-  runs = [m for m in compiled if "run" in m.split(" in ")[0]]
+  runs = [m for m in compiled if "jit(sweep_run)" in m]
   assert len(runs) == 1, compiled
   assert len(results) == 8
   for trial, res in zip(sweep.trials(HPARAMS, [0, 1]), results):
@@ -100,3 +100,24 @@ def test_bad_input(splits):
     sweep.fit_sweep(splits, model=jirm.models.mlp(4),
                     objective_fn=objective_fn, optimizer_fn=optimizer_fn,
                     hparams=HPARAMS, seeds=[0], steps=0)
+
+
+def test_per_seed_data_equals_separate_runs(synthetic_mnist):
+  make = lambda s: jirm.data.colored_mnist(seed=s, data_num=1000,
+                                           mnist=synthetic_mnist)
+  model = jirm.models.mlp(8)
+  hps = sweep.grid(penalty_weight=[100.0], l2=[1e-3], lr=[1e-3])
+  results = sweep.fit_sweep(make, model=model, objective_fn=objective_fn,
+                            optimizer_fn=optimizer_fn, hparams=hps,
+                            seeds=[0, 1, 2], steps=9, eval_every=3,
+                            trials_per_call=2)
+  for s, res in zip([0, 1, 2], results):
+    hp = {k: v[0] for k, v in hps.items()}
+    ref = jirm.fit(make(s), model=model, objective=objective_fn(hp),
+                   optimizer=optimizer_fn(hp), steps=9, eval_every=3, seed=s)
+    assert _max_diff(res.params, ref.params) < 1e-5
+    np.testing.assert_allclose(res.history["test_acc_E"],
+                               ref.history["test_acc_E"], atol=1e-6)
+  # Different seeds saw different data (label noise / colours).
+  assert not np.allclose(results[0].history["train_acc_E"],
+                         results[1].history["train_acc_E"])
