@@ -65,11 +65,19 @@ def grid(**axes: Sequence[float]) -> dict:
   return {n: [float(r[i]) for r in rows] for i, n in enumerate(names)}
 
 
-def trials(hparams: Mapping[str, Sequence[float]], seeds) -> list:
+def trials(hparams: Mapping[str, Sequence[float]], seeds,
+           pair: bool = False) -> list:
   """Every (hyperparameter point, seed) pair, seed varying fastest:
-  ``[{'seed': s, **hp}, ...]``."""
+  ``[{'seed': s, **hp}, ...]``; with ``pair=True`` point ``i`` runs with
+  ``seeds[i]`` only (an explicit trial list)."""
   hparams = dict(hparams)
   n = _num_points(hparams)
+  if pair:
+    if len(seeds) != n:
+      raise ValueError(f"pair=True needs one seed per point: {len(seeds)} "
+                       f"seeds for {n} points.")
+    return [dict(seed=int(s), **{k: float(v[i]) for k, v in hparams.items()})
+            for i, s in enumerate(seeds)]
   out = []
   for i in range(n):
     for s in seeds:
@@ -142,7 +150,8 @@ def fit_sweep(splits, *, model,
               objective_fn: Callable[[HParams], objectives.Objective],
               optimizer_fn: Callable[[HParams], optax.GradientTransformation],
               hparams: Optional[Mapping[str, Sequence[float]]] = None,
-              seeds=(0,), steps: int, eval_every: int = 10,
+              seeds=(0,), pair: bool = False, steps: int,
+              eval_every: int = 10,
               batch_size: Optional[int] = None,
               trials_per_call: Optional[int] = None, mesh=None,
               progress: bool = False) -> list:
@@ -160,6 +169,7 @@ def fit_sweep(splits, *, model,
     hparams: name -> values, equal lengths (see :func:`grid`); None = one
       point with no swept hyperparameters.
     seeds: restarts per point; trial order is :func:`trials`.
+    pair: trial ``i`` = (point ``i``, ``seeds[i]``) instead of the product.
     steps, eval_every, batch_size: as in :func:`jirm.train.fit`.
     trials_per_call: vmap at most this many trials at once (memory bound);
       the trials are run in equal chunks of the same compiled program (the
@@ -193,7 +203,7 @@ def fit_sweep(splits, *, model,
   if batch_size is not None and batch_size > min(first.train.sizes):
     raise ValueError(f"batch_size={batch_size} exceeds the smallest training "
                      f"env ({min(first.train.sizes)} samples).")
-  todo = trials(hparams, seeds)
+  todo = trials(hparams, seeds, pair)
   n = len(todo)
   chunk = n if trials_per_call is None else max(1, min(int(trials_per_call), n))
   if mesh is not None:

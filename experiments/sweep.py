@@ -1,0 +1,358 @@
+r"""Hyperparameter sweeps and random searches for any experiment.
+
+  # 8 restarts x 4 penalty weights of IRMv1, one compiled program:
+  python -m experiments.sweep --experiment=colored_mnist --method=irmv1 \
+      --grid=penalty_weight=100,1000,10000,91257.19 --restarts=8 \
+      --backend=vmap --output_dir=/tmp/sweep
+  # DomainBed-style random search (20 points x 3 restarts) on a Ray cluster:
+  python -m experiments.sweep --experiment=colored_mnist --method=vrex \
+      --search=random --n_hparams=20 --restarts=3 --backend=ray \
+      --ray_address=auto --output_dir=/shared/sweep
+  # Slurm array job (writes slurm/sweep.sbatch, submits with --submit):
+  python -m experiments.sweep ... --backend=slurm --submit
+  # Tables only:
+  python -m experiments.sweep --collect_only --output_dir=/tmp/sweep
+
+Each trial (method, hyperparameter point, seed) lives in
+``output_dir/trials/<id>/`` with its ``trial.json``, ``result.jsonl`` (one
+record per selection rule, with config, seed, hparams and wall time; written
+atomically, the completion marker) and, while running, its orbax
+checkpoints. Re-running the command skips finished trials and resumes
+unfinished ones. ``summary.md`` / ``summary.csv`` tabulate test accuracy per
+hyperparameter point and selection rule (``last``, ``train_domain_val``,
+``oracle``), and the point each rule selects.
+
+Backends: ``vmap`` (ColoredMNIST, registry methods: all trials of one
+structure in one program, :func:`jirm.sweep.fit_sweep`), ``local`` (one
+trial after another), ``ray`` (local instance with ``--workers`` CPUs, or
+``--ray_address``), ``slurm``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from absl import app
+from absl import flags
+
+from experiments import common
+from experiments import hparams_registry
+from jirm import launch
+from jirm import results as results_lib
+
+EXPERIMENTS = ("colored_mnist", "irm_tv", "sparse_irm", "cifar_mnist")
+RULES = ("last", "train_domain_val", "oracle")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_enum("experiment", "colored_mnist", EXPERIMENTS, "Experiment.")
+  flags.DEFINE_string("method", "irmv1", "Method (comma list allowed).")
+  flags.DEFINE_string("preset", "paper", "The experiment's config preset.")
+  flags.DEFINE_enum("search", "grid", ["grid", "random"], "grid: --grid "
+                    "values (default: the preset's flags); random: "
+                    "--n_hparams seeded points of the registry's space.")
+  flags.DEFINE_multi_string("grid", [], "key=v1,v2,... (product over keys).")
+  flags.DEFINE_integer("n_hparams", 10, "Random points (hparams seed 0 is "
+                       "the defaults).")
+  flags.DEFINE_integer("hparams_seed", 0, "First hyperparameter seed.")
+  flags.DEFINE_integer("restarts", 3, "Restarts per point (seeds seed..).")
+  flags.DEFINE_integer("seed", 0, "First seed.")
+  flags.DEFINE_multi_string("set", [], "Fixed config override key=value.")
+  flags.DEFINE_enum("backend", "vmap", ["vmap", "local", "ray", "slurm"],
+                    "Execution backend.")
+  flags.DEFINE_integer("trials_per_call", 0, "vmap: trials per program "
+                       "(0 = all; lower it to bound memory).")
+  flags.DEFINE_string("ray_address", None, "Ray cluster address (else a "
+                      "local instance).")
+  flags.DEFINE_integer("workers", 2, "Ray: CPUs of the local instance.")
+  flags.DEFINE_multi_string("sbatch", [], "Slurm: extra #SBATCH options.")
+  flags.DEFINE_bool("submit", False, "Slurm: run sbatch on the script.")
+  flags.DEFINE_integer("run_trial", -1, "Internal (Slurm array element): run "
+                       "trial i of output_dir/trials.json.")
+  flags.DEFINE_bool("collect_only", False, "Only rebuild the tables.")
+  flags.DEFINE_string("output_dir", None, "Sweep directory.", required=True)
+  flags.DEFINE_string("data_dir", None, "tfds data dir.")
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize "
+                    "first (multi-host TPU/GPU).")
+
+
+def _module(experiment):
+  return importlib.import_module(f"experiments.{experiment}")
+
+
+def base_config(experiment, method, preset, overrides=()):
+  cfg = importlib.import_module(f"experiments.configs.{experiment}")
+  return common.apply_overrides(cfg.get_config(method, preset), overrides)
+
+
+def _parse_grid(items):
+  axes = {}
+  for item in items:
+    if "=" not in item:
+      raise ValueError(f"--grid={item!r}: expected key=v1,v2,...")
+    k, vals = item.split("=", 1)
+    axes[k] = [float(v) for v in vals.split(",") if v]
+  return axes
+
+
+def make_trials(experiment, methods, preset, search, grid=(), n_hparams=10,
+                hparams_seed=0, restarts=3, seed=0, overrides=(),
+                data_dir=None):
+  """The sweep's trials (JSON-able dicts with a stable ``id``)."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  out = []
+  for method in methods:
+    config = base_config(experiment, method, preset, overrides)
+    if search == "grid":
+      axes = _parse_grid(grid)
+      for k in axes:
+        if k not in config:
+          raise ValueError(f"--grid key {k!r} is not in the {experiment} "
+                           f"config; keys are {sorted(config.keys())}.")
+      points = [dict(zip(axes, p)) for p in itertools.product(*axes.values())]
+      points = [{k: type(config[k])(v) for k, v in p.items()} for p in points]
+    else:
+      points = [hparams_registry.random_hparams(config, hs) for hs in
+                range(hparams_seed, hparams_seed + n_hparams)]
+    for hp in points:
+      key = json.dumps(hp, sort_keys=True)
+      hid = hashlib.sha256(f"{key}|{sorted(overrides)}".encode()).hexdigest()[:8]
+      for s in range(seed, seed + restarts):
+        out.append(dict(id=f"{method}-{preset}-{hid}-seed{s}",
+                        experiment=experiment, method=method, preset=preset,
+                        hparams=hp, hparams_id=hid, seed=s,
+                        overrides=list(overrides), data_dir=data_dir))
+  return out
+
+
+def _config_of(trial):
+  return base_config(trial["experiment"], trial["method"], trial["preset"],
+                     list(trial["overrides"]) +
+                     [f"{k}={v}" for k, v in trial["hparams"].items()])
+
+
+def _tag(records, trial):
+  for r in records:
+    r.update(hparams=trial["hparams"], hparams_id=trial["hparams_id"],
+             trial=trial["id"])
+  return records
+
+
+def run_trial(work_dir, trial, mnist=None):
+  """Runs one trial with its experiment's ``run_restart`` (resuming from
+  the trial's checkpoints) and writes its records. The trial function of
+  the local, Ray and Slurm backends (``mnist``: in-memory digits for
+  tests)."""
+  if launch.is_done(work_dir, trial):
+    return trial["id"]
+  launch.log_attempt(work_dir, trial)
+  d = launch.trial_dir(work_dir, trial)
+  results_lib.atomic_write(os.path.join(d, "trial.json"),
+                           json.dumps(trial, indent=1))
+  mod = _module(trial["experiment"])
+  kw = dict(checkpoint_dir=os.path.join(d, "checkpoints"))
+  params = inspect.signature(mod.run_restart).parameters
+  if "data_dir" in params:
+    kw["data_dir"] = trial.get("data_dir")
+  if mnist is not None and "mnist" in params:
+    kw["mnist"] = mnist
+  records = mod.run_restart(_config_of(trial), trial["seed"], **kw)
+  launch.write_result(work_dir, trial, _tag(records, trial))
+  return trial["id"]
+
+
+def run_vmap(work_dir, trials, trials_per_call=None, mnist=None,
+             progress=True):
+  """ColoredMNIST: every group of trials sharing structural settings
+  (method, anneal, width, steps) in one :func:`jirm.sweep.fit_sweep`."""
+  import jirm  # pylint: disable=g-import-not-at-top
+  from experiments import colored_mnist  # pylint: disable=g-import-not-at-top
+  groups = {}
+  for t in launch.pending(work_dir, trials):
+    if t["experiment"] != "colored_mnist":
+      raise ValueError("--backend=vmap runs ColoredMNIST sweeps; use "
+                       "--backend=local|ray|slurm for other experiments.")
+    if t["method"] not in jirm.methods.METHODS:
+      raise ValueError(f"--backend=vmap needs a registry method, not "
+                       f"{t['method']!r}; use --backend=local|ray|slurm.")
+    structural = {k: v for k, v in t["hparams"].items()
+                  if k not in hparams_registry.TRACEABLE}
+    key = json.dumps([t["method"], t["preset"], t["overrides"], structural],
+                     sort_keys=True)
+    groups.setdefault(key, []).append(t)
+  for group in groups.values():
+    t0 = time.time()
+    config = _config_of(group[0])
+    method = jirm.methods.get(config.method)
+    data_dir = group[0].get("data_dir")
+    splits_fn = lambda s: colored_mnist.build_run(config, data_dir, s,
+                                                  mnist)[0]
+
+    def objective_fn(hp, config=config, method=method):
+      sched = None
+      if method.penalty is not None:
+        sched = jirm.schedules.preset(config.schedule,
+                                      weight=hp["penalty_weight"],
+                                      anneal=config.anneal)
+      return jirm.methods.build_objective(
+          config.method, l2=hp["l2"], erm_reduction=config.erm_reduction,
+          schedule=sched, penalty_options=config.penalty_options.to_dict())
+
+    configs_ = [_config_of(t) for t in group]
+    hps = {k: [float(c[k]) for c in configs_]
+           for k in hparams_registry.TRACEABLE}
+    results = _fit_trials(splits_fn, config, objective_fn, hps,
+                          [t["seed"] for t in group], trials_per_call,
+                          progress)
+    wall = (time.time() - t0) / len(group)
+    for t, c, res in zip(group, configs_, results):
+      splits = splits_fn(t["seed"])
+      obj = objective_fn({k: c[k] for k in hparams_registry.TRACEABLE})
+      records = common.records_from_fit(res, c, t["seed"], obj.describe(),
+                                        splits.info, wall,
+                                        backend="vmap")
+      launch.write_result(work_dir, t, _tag(records, t))
+
+
+def _fit_trials(splits_fn, config, objective_fn, hps, seeds, trials_per_call,
+                progress):
+  """fit_sweep over explicit (hparams, seed) pairs (not a product)."""
+  import optax  # pylint: disable=g-import-not-at-top
+  import jirm  # pylint: disable=g-import-not-at-top
+  from jirm import sweep  # pylint: disable=g-import-not-at-top
+  return sweep.fit_sweep(
+      splits_fn, model=jirm.models.mlp(config.hidden_dim, config.depth),
+      objective_fn=objective_fn,
+      optimizer_fn=lambda hp: optax.adam(hp["lr"]), hparams=hps,
+      seeds=seeds, pair=True, steps=config.steps,
+      eval_every=config.eval_every, batch_size=config.batch_size or None,
+      trials_per_call=trials_per_call or None, progress=progress)
+
+
+def collect(work_dir):
+  """Writes summary.md / summary.csv from every finished trial."""
+  records = launch.read_results(work_dir)
+  if not records:
+    return None
+  rows = {}
+  for r in records:
+    key = (r["method"], r["hparams_id"])
+    rows.setdefault(key, {"hparams": r["hparams"], "seeds": set()})
+    rows[key]["seeds"].add(r["seed"])
+    rows[key].setdefault(r["selection"], []).append(r)
+  ms = lambda v: f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}"
+  lines = [f"# Sweep: {os.path.abspath(work_dir)}", "",
+           "Test accuracy % (mean ± std over restarts) per hyperparameter "
+           "point and selection rule; `oracle` reads the test set.", "",
+           "| method | hparams | n | " + " | ".join(RULES) + " |",
+           "|---|---|---|" + "---|" * len(RULES)]
+  csv = ["method,hparams_id,hparams,n," + ",".join(
+      f"{r}_test_mean,{r}_test_std" for r in RULES)]
+  for (m, hid), row in sorted(rows.items()):
+    hp = ", ".join(f"{k}={v:g}" for k, v in sorted(row["hparams"].items()))
+    cells, cvals = [], []
+    for rule in RULES:
+      v = [x["test_acc"] for x in row.get(rule, [])]
+      cells.append(ms(v) if v else "–")
+      cvals += [f"{np.mean(v):.6f}", f"{np.std(v):.6f}"] if v else ["", ""]
+    lines.append(f"| {m} | {hp} | {len(row['seeds'])} | " +
+                 " | ".join(cells) + " |")
+    csv.append(f"{m},{hid},\"{hp}\",{len(row['seeds'])}," + ",".join(cvals))
+  lines += ["", "## Selected point per rule (DomainBed protocol: the point "
+            "with the best mean train-domain validation accuracy; `oracle`: "
+            "best mean test accuracy)", "",
+            "| method | rule | hparams | test % |", "|---|---|---|---|"]
+  for m in sorted({k[0] for k in rows}):
+    for rule in RULES:
+      cands = [(k, v) for k, v in rows.items() if k[0] == m and v.get(rule)]
+      score = lambda kv, rule=rule: np.mean(
+          [x["test_acc"] if rule == "oracle" else x.get("val_acc", np.nan)
+           for x in kv[1][rule]])
+      cands = [kv for kv in cands if np.isfinite(score(kv))]
+      if not cands:
+        continue
+      k, v = max(cands, key=score)
+      hp = ", ".join(f"{a}={b:g}" for a, b in sorted(v["hparams"].items()))
+      lines.append(f"| {m} | {rule} | {hp} | "
+                   f"{ms([x['test_acc'] for x in v[rule]])} |")
+  walls = [r["wall_s"] for r in records if r["selection"] == "last"]
+  lines += ["", f"{len(walls)} trials, {sum(walls):.0f} s of trial wall time "
+            f"(backends: {sorted({r.get('backend', 'run_restart') for r in records})})."]
+  text = "\n".join(lines) + "\n"
+  results_lib.atomic_write(os.path.join(work_dir, "summary.md"), text)
+  results_lib.atomic_write(os.path.join(work_dir, "summary.csv"),
+                           "\n".join(csv) + "\n")
+  return text
+
+
+def launch_sweep(trials, work_dir, backend="vmap", *, trials_per_call=None,
+                 ray_address=None, workers=2, sbatch=(), submit=False,
+                 command=None, mnist=None, progress=True):
+  """Runs (or submits) the pending trials and rebuilds the tables."""
+  os.makedirs(work_dir, exist_ok=True)
+  results_lib.atomic_write(os.path.join(work_dir, "trials.json"),
+                           json.dumps(trials, indent=1))
+  if backend == "vmap":
+    run_vmap(work_dir, trials, trials_per_call, mnist, progress)
+  elif backend == "local":
+    launch.run_local(functools.partial(run_trial, mnist=mnist), work_dir,
+                     trials)
+  elif backend == "ray":
+    launch.run_ray(run_trial, work_dir, trials, address=ray_address,
+                   num_workers=workers, progress=progress)
+  elif backend == "slurm":
+    path = launch.write_slurm_array(work_dir, len(trials), command,
+                                    sbatch_args=sbatch, submit=submit)
+    print(f"wrote {path}" + (" and submitted it" if submit else
+                             f"; submit with: sbatch {path}"))
+    return None
+  else:
+    raise ValueError(f"unknown backend {backend!r}.")
+  return collect(work_dir)
+
+
+def main(argv):
+  del argv
+  if FLAGS.distributed:
+    from jirm import sharding  # pylint: disable=g-import-not-at-top
+    sharding.initialize_distributed()
+  import jirm  # pylint: disable=g-import-not-at-top
+  jirm.runtime.configure_cpu()
+  out = os.path.abspath(FLAGS.output_dir)
+  if FLAGS.collect_only:
+    print(collect(out) or "no finished trials")
+    return
+  if FLAGS.run_trial >= 0:  # A Slurm array element.
+    with open(os.path.join(out, "trials.json")) as f:
+      run_trial(out, json.load(f)[FLAGS.run_trial])
+    return
+  methods = common.method_list(FLAGS.method, ())
+  trials = common.exit_on_bad_input(
+      make_trials, FLAGS.experiment, methods, FLAGS.preset, FLAGS.search,
+      FLAGS.grid, FLAGS.n_hparams, FLAGS.hparams_seed, FLAGS.restarts,
+      FLAGS.seed, FLAGS.set, FLAGS.data_dir)
+  argv_ = [a for a in sys.argv[1:] if not a.startswith("--backend")]
+  command = " ".join([sys.executable, "-m", "experiments.sweep"] + argv_ +
+                     ["--run_trial=$SLURM_ARRAY_TASK_ID"])
+  text = common.exit_on_bad_input(
+      launch_sweep, trials, out, FLAGS.backend,
+      trials_per_call=FLAGS.trials_per_call, ray_address=FLAGS.ray_address,
+      workers=FLAGS.workers, sbatch=FLAGS.sbatch, submit=FLAGS.submit,
+      command=command, progress=True)
+  if text:
+    print(text)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,151 @@
+"""Sweep launcher: vmap backend == separate runs (local backend), Ray with
+2 workers survives a killed worker without losing finished trials, Slurm
+array script runs a trial, registry search space, collector tables."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import jirm
+from experiments import configs  # pylint: disable=unused-import
+from experiments import hparams_registry
+from experiments import sweep as sweep_exp
+from experiments.configs import colored_mnist as cm_configs
+from jirm import launch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _by_trial(records, rule="last"):
+  return {r["trial"]: r for r in records if r["selection"] == rule}
+
+
+def test_vmap_sweep_table_equals_separate_runs(tmp_path, synthetic_mnist):
+  trials = sweep_exp.make_trials(
+      "colored_mnist", ["irmv1"], "quick", "grid",
+      ["penalty_weight=10,1000"], restarts=2,
+      overrides=["steps=25", "anneal=10"])
+  assert len(trials) == 4 and len({t["id"] for t in trials}) == 4
+  a, b = tmp_path / "vmap", tmp_path / "local"
+  sweep_exp.launch_sweep(trials, str(a), "vmap", mnist=synthetic_mnist,
+                         progress=False)
+  text = sweep_exp.launch_sweep(trials, str(b), "local",
+                                mnist=synthetic_mnist, progress=False)
+  ra, rb = launch.read_results(str(a)), launch.read_results(str(b))
+  assert len(ra) == len(rb) == 16  # 4 trials x 4 selection rules.
+  for rule in ("last", "train_domain_val", "oracle"):
+    va, vb = _by_trial(ra, rule), _by_trial(rb, rule)
+    assert sorted(va) == sorted(vb)
+    for k in va:
+      assert va[k]["test_acc"] == pytest.approx(vb[k]["test_acc"], abs=1e-5)
+      assert va[k]["step"] == vb[k]["step"]
+  assert "penalty_weight=1000" in text and "| irmv1 | last |" in text
+  # Relaunching a finished sweep runs nothing.
+  before = os.path.getmtime(a / "trials" / trials[0]["id"] / "result.jsonl")
+  sweep_exp.launch_sweep(trials, str(a), "vmap", mnist=synthetic_mnist)
+  assert os.path.getmtime(a / "trials" / trials[0]["id"] /
+                          "result.jsonl") == before
+
+
+def test_registry_defaults_and_seeded_random_points():
+  c = cm_configs.get_config("irmv1", "paper")
+  assert hparams_registry.random_hparams(c, 0) == dict(
+      lr=c.lr, l2=c.l2, penalty_weight=c.penalty_weight, anneal=c.anneal)
+  p1 = hparams_registry.random_hparams(c, 1)
+  assert p1 == hparams_registry.random_hparams(c, 1)  # Seeded.
+  assert p1 != hparams_registry.random_hparams(c, 2)
+  assert 10 ** -4.5 <= p1["lr"] <= 10 ** -2.5
+  assert 1.0 <= p1["penalty_weight"] <= 1e5
+  assert p1["anneal"] in (0, 50, 100, 190, 300)
+  erm = cm_configs.get_config("erm", "paper")
+  assert set(hparams_registry.random_hparams(erm, 3)) == {"lr", "l2"}
+  with pytest.raises(ValueError, match="--grid key 'bogus'"):
+    sweep_exp.make_trials("colored_mnist", ["irmv1"], "quick", "grid",
+                          ["bogus=1,2"])
+
+
+def _sweep_cmd(out, backend, *extra):
+  return [sys.executable, "-m", "experiments.sweep", "--experiment=irm_tv",
+          "--method=irmv1", "--preset=quick", "--grid=penalty_weight=10,100",
+          "--restarts=3", f"--backend={backend}", f"--output_dir={out}",
+          "--set=steps=3000", "--set=eval_every=100", "--set=anneal=1500",
+          *extra]
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+
+
+def test_ray_two_workers_lose_no_finished_trial_when_one_is_killed(tmp_path):
+  pytest.importorskip("ray")
+  out = tmp_path / "ray"
+  proc = subprocess.Popen(_sweep_cmd(out, "ray", "--workers=2"), env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  trials_dir = out / "trials"
+  killed = None
+  deadline = time.time() + 400
+  while time.time() < deadline and proc.poll() is None and killed is None:
+    time.sleep(0.1)
+    done = {d for d in os.listdir(trials_dir)} if trials_dir.exists() else set()
+    finished = [d for d in done if (trials_dir / d / "result.jsonl").exists()]
+    running = [d for d in done if d not in finished and
+               (trials_dir / d / "attempts.log").exists()]
+    if finished and running:  # Kill a worker mid-trial after one finished.
+      victim = running[0]
+      pid = int((trials_dir / victim / "attempts.log").read_text().split()[0])
+      finished_before = {d: (trials_dir / d / "result.jsonl").read_text()
+                         for d in finished}
+      os.kill(pid, signal.SIGKILL)
+      killed = victim
+  stdout, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert killed is not None, "no worker was killed (sweep too fast?)"
+  # The killed trial was retried; finished trials were not re-run.
+  assert len((trials_dir / killed / "attempts.log").read_text().split("\n")
+             ) >= 3  # Two attempt lines + trailing newline.
+  for d, text in finished_before.items():
+    assert (trials_dir / d / "result.jsonl").read_text() == text
+    assert len((trials_dir / d / "attempts.log").read_text().strip()
+               .split("\n")) == 1
+  # Same table as running the trials one by one in one process.
+  local = tmp_path / "local"
+  subprocess.run(_sweep_cmd(local, "local"), env=_env(), check=True,
+                 capture_output=True, timeout=600)
+  ra = _by_trial(launch.read_results(str(out)))
+  rb = _by_trial(launch.read_results(str(local)))
+  assert len(ra) == len(rb) == 6
+  for k in ra:
+    assert ra[k]["test_acc"] == pytest.approx(rb[k]["test_acc"], abs=1e-6)
+  assert (out / "summary.md").exists()
+
+
+def test_slurm_array_script_and_one_element(tmp_path):
+  out = tmp_path / "slurm"
+  fake_bin = tmp_path / "bin"
+  fake_bin.mkdir()
+  (fake_bin / "sbatch").write_text(
+      f"#!/bin/sh\necho \"$@\" > {tmp_path}/submitted\n")
+  os.chmod(fake_bin / "sbatch", 0o755)
+  env = _env()
+  env["PATH"] = f"{fake_bin}:{env['PATH']}"
+  subprocess.run(_sweep_cmd(out, "slurm", "--submit",
+                            "--sbatch=--partition=cpu"), env=env, check=True,
+                 capture_output=True, timeout=300)
+  script = (out / "slurm" / "sweep.sbatch").read_text()
+  assert "#SBATCH --array=0-5" in script
+  assert "#SBATCH --partition=cpu" in script
+  assert "--run_trial=$SLURM_ARRAY_TASK_ID" in script
+  assert (tmp_path / "submitted").read_text().strip().endswith("sweep.sbatch")
+  # Run array element 4 the way Slurm would.
+  line = [l for l in script.splitlines() if "--run_trial" in l][0]
+  subprocess.run(["bash", "-c", line], env=dict(env, SLURM_ARRAY_TASK_ID="4"),
+                 check=True, capture_output=True, timeout=300, cwd=ROOT)
+  trials = json.loads((out / "trials.json").read_text())
+  assert launch.is_done(str(out), trials[4])
+  assert not launch.is_done(str(out), trials[3])
