@@ -63,6 +63,10 @@ def define_flags():
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
   flags.DEFINE_bool("report_only", False, "Only regenerate summary.md and "
                     "curves.png from --output_dir/results.jsonl.")
+  flags.DEFINE_bool("data_parallel", False, "Split the batch over every "
+                    "device (jax.sharding mesh; registry methods).")
+  flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() "
+                    "first (multi-host TPU pods / GPU clusters).")
 
 
 
@@ -88,8 +92,10 @@ def build_run(config, data_dir=None, seed=0, mnist=None):
 
 
 def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
-                checkpoint_dir=None):
-  """Trains one restart; returns one record per selection rule."""
+                checkpoint_dir=None, mesh=None):
+  """Trains one restart; returns one record per selection rule. Per-step
+  scalars go to TensorBoard files next to the checkpoints
+  (``output_dir/tensorboard/<restart>``)."""
   t0 = time.time()
   if config.method in GAME_METHODS:
     from jirm import irm_games  # pylint: disable=g-import-not-at-top
@@ -121,9 +127,11 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
                  eval_every=config.eval_every, progress=progress,
                  desc=f"{config.method} seed {seed}",
                  checkpoint_dir=checkpoint_dir,
-                 checkpoint_every=config.checkpoint_every)
+                 checkpoint_every=config.checkpoint_every, mesh=mesh,
+                 metrics_dir=common.metrics_dir_for(checkpoint_dir))
+  extra = {} if mesh is None else {"devices": int(mesh.size)}
   return common.records_from_fit(res, config, seed, objective.describe(),
-                                 splits.info, time.time() - t0)
+                                 splits.info, time.time() - t0, **extra)
 
 
 def _run_ipg(config, seed, data_dir, progress, mnist, checkpoint_dir, t0):
@@ -197,13 +205,14 @@ def plot_ipg_curves(records, path):
 
 
 def run(methods, preset, restarts, seed, output_dir, data_dir=None,
-        overrides=(), progress=True, mnist=None):
+        overrides=(), progress=True, mnist=None, mesh=None):
   """Runs every (method, seed) not yet in ``output_dir/results.jsonl``."""
   configs_ = [common.apply_overrides(configs.get_config(m, preset), overrides)
               for m in methods]
   common.run_restarts(
       configs_, restarts, seed, output_dir,
-      lambda c, s, ckpt: run_restart(c, s, data_dir, progress, mnist, ckpt),
+      lambda c, s, ckpt: run_restart(c, s, data_dir, progress, mnist, ckpt,
+                                     mesh),
       write_reports)
 
 
@@ -222,6 +231,8 @@ def write_reports(output_dir):
 
 def main(argv):
   del argv
+  if FLAGS.distributed:
+    jirm.sharding.initialize_distributed()
   if common.start(FLAGS, write_reports):
     return
   methods = common.method_list(FLAGS.method, METHODS_ALL)
@@ -229,8 +240,9 @@ def main(argv):
     if m not in OTHER_METHODS:
       jirm.methods.get(m)
   try:
+    mesh = jirm.sharding.make_mesh() if FLAGS.data_parallel else None
     run(methods, FLAGS.preset, FLAGS.restarts, FLAGS.seed, FLAGS.output_dir,
-        FLAGS.data_dir, FLAGS.set, FLAGS.progress)
+        FLAGS.data_dir, FLAGS.set, FLAGS.progress, mesh=mesh)
   except jirm.data.DataError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

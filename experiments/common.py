@@ -101,6 +101,19 @@ def exit_on_bad_input(fn, *args, **kwargs):
     sys.exit(2)
 
 
+def metrics_dir_for(checkpoint_dir):
+  """TensorBoard directory of a restart, next to (not inside) its checkpoint
+  directory, which is deleted once the restart's record is written:
+  ``out/checkpoints/<name>`` -> ``out/tensorboard/<name>``;
+  ``trial/checkpoints`` -> ``trial/tensorboard``."""
+  if checkpoint_dir is None:
+    return None
+  parent, name = os.path.split(os.path.abspath(checkpoint_dir))
+  if os.path.basename(parent) == "checkpoints":
+    return os.path.join(os.path.dirname(parent), "tensorboard", name)
+  return os.path.join(parent, "tensorboard")
+
+
 def _get(config, dotted):
   for part in dotted.split("."):
     config = config[part]

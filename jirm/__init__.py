@@ -18,6 +18,8 @@ from jirm import resnet
 from jirm import results
 from jirm import runtime
 from jirm import schedules
+from jirm import sharding
+from jirm import sweep
 from jirm import train
 from jirm.objectives import (Objective, Outputs, Term, bayesian_irm, env_risks,
                              erm, irm_tv_l1, irm_tv_l2, irmv1, irmv1_head, l2,

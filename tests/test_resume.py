@@ -76,6 +76,9 @@ def test_sigkill_then_same_command_equals_uninterrupted_run(tmp_path):
       np.testing.assert_allclose(ra["curve"]["test_acc"],
                                  rb["curve"]["test_acc"], atol=1e-6)
   assert not os.path.exists(killed / "checkpoints" / "irmv1-quick-seed0")
+  # Per-step scalars of each restart, outside the (deleted) checkpoints.
+  tb = _read_scalars(str(ref / "tensorboard" / "irmv1-quick-seed1"))
+  assert len(tb["term/irmv1"]) == 300 and len(tb["test_acc"]) == 30
 
 
 def test_divergence_names_step_and_term_and_keeps_good_checkpoint(
