@@ -377,6 +377,41 @@ class DeepMethod:
   oracle: bool = False
 
 
+class GroupDROState(NamedTuple):
+  q: jax.Array  # [E] group weights (a distribution).
+
+
+def _group_dro(out: objectives.Outputs):
+  q = jax.lax.stop_gradient(out.state.q)
+  return (q * objectives.env_risks(out)).sum()
+
+
+group_dro_term = objectives.Term("group_dro", _group_dro)
+
+
+def group_dro(*, eta: float = 0.01) -> Game:
+  """GroupDRO (Sagawa et al. 2020) in DomainBed's form: the environments
+  are the groups; each step q_e <- q_e exp(eta R_e) / Z on the batch's
+  detached group risks, and the loss is sum_e q_e R_e (the term
+  ``group_dro``, replacing ERM). Combine with IPG through
+  :func:`jirm.ipg.deep_step_factory` (its loss is this objective).
+
+  Example:
+    >>> objective, game = build_method('group_dro', eta=0.01)
+  """
+
+  def init(rng, head_params, feat_dim, num_envs):
+    del rng, head_params, feat_dim
+    return GroupDROState(jnp.full((num_envs,), 1.0 / num_envs, jnp.float32))
+
+  def inner(state, head_params, out, reset):
+    del reset
+    q = state.q * jnp.exp(eta * objectives.env_risks(out))
+    return GroupDROState(q / q.sum()), head_params
+
+  return Game("group_dro", init, inner, None)
+
+
 DEEP_METHODS = {m.name: m for m in (
     DeepMethod("oracle", "ERM on CIFAR-MNIST with a blank MNIST half",
                oracle=True),
@@ -396,6 +431,8 @@ DEEP_METHODS = {m.name: m for m in (
                game="invrat_ec_o", head_update="frozen"),
     DeepMethod("invrat_ec_h", "InvRat-EC(h), Chang et al. 2020 (IRMBed)",
                game="invrat_ec_h", head_update="frozen"),
+    DeepMethod("group_dro", "GroupDRO, Sagawa et al. 2020 (DomainBed form; "
+               "envs = groups)", game="group_dro"),
 )}
 
 
@@ -403,17 +440,23 @@ def build_method(name: str, *, schedule=None, l2: float = 0.0,
                  inner_lr: float = 0.01, inner_momentum: float = 0.9,
                  num_inners: int = 1, gap_scale: float = 1.0,
                  env_grad: bool = True, embed_dim: int = 128,
-                 eb_hidden: int = 512):
+                 eb_hidden: int = 512, eta: float = 0.01):
   """``(objective, game)`` of a registered deep method.
 
   The objective is ``erm(pooled) [+ l2 * l2] [+ schedule * penalty]``; for
   InvRat the penalty is the game's term. Keyword arguments configure the
-  games (see :func:`invrat_ec`, :func:`invrat_eb`, :func:`irm_game`).
+  games (see :func:`invrat_ec`, :func:`invrat_eb`, :func:`irm_game`,
+  :func:`group_dro` with ``eta``).
   """
   if name not in DEEP_METHODS:
     raise ValueError(f"unknown deep method {name!r}; choose one of "
                      f"{sorted(DEEP_METHODS)}.")
   m = DEEP_METHODS[name]
+  if m.game == "group_dro":  # The group-weighted risk replaces ERM.
+    objective = group_dro_term * 1.0
+    if l2:
+      objective = objective + l2 * objectives.l2
+    return objective, group_dro(eta=eta)
   objective = objectives.erm(reduction="pooled") * 1.0
   if l2:
     objective = objective + l2 * objectives.l2

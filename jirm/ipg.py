@@ -195,9 +195,43 @@ def cifar_mnist_pairs(envs: data_lib.Envs, *, num_pairs: Optional[int] = None,
   return Pairs(np.stack(members, 1), y)
 
 
+def group_pairs(envs: data_lib.Envs, *, num_pairs: int = 300,
+                seed: int = 0) -> Pairs:
+  """Pairs for group datasets without counterfactual images (Waterbirds,
+  CelebA, ColoredObject; :mod:`jirm.data.shift`): member 0 has spurious
+  attribute a = 0, member 1 a = 1, both with the same label (different
+  images, e.g. two birds on land / water); half the pairs per label. The
+  attribute is ``label`` where ``agree`` else ``1 - label``.
+
+  Raises:
+    ValueError: a label has no image with one of the attribute values (e.g.
+      Waterbird-100's training split: pass its validation envs instead).
+  """
+  ok = envs.valid.reshape(-1)
+  x = envs.x.reshape((-1,) + envs.x.shape[2:])[ok]
+  y = envs.y.reshape(-1)[ok]
+  a = np.where(envs.agree.reshape(-1)[ok], y, 1 - y)
+  rng = np.random.default_rng(seed)
+  first, second, labels = [], [], []
+  for label in (0, 1):
+    i0 = np.flatnonzero((y == label) & (a == 0))
+    i1 = np.flatnonzero((y == label) & (a == 1))
+    if not len(i0) or not len(i1):
+      raise ValueError(f"no pair for label {label}: these envs have no image "
+                       f"with spurious attribute {0 if not len(i0) else 1} "
+                       f"(Waterbird-100 training data has none; use the "
+                       f"validation envs).")
+    m = num_pairs // 2 + (num_pairs % 2 if label == 0 else 0)
+    first.append(rng.choice(i0, m))
+    second.append(rng.choice(i1, m))
+    labels.append(np.full(m, label, y.dtype))
+  i, j = np.concatenate(first), np.concatenate(second)
+  return Pairs(np.stack([x[i], x[j]], 1), np.concatenate(labels))
+
+
 PAIR_SOURCES = {"colored_mnist": colored_mnist_pairs,
                 "full_colored_mnist": full_colored_mnist_pairs,
-                "cifar_mnist": cifar_mnist_pairs}
+                "cifar_mnist": cifar_mnist_pairs, "groups": group_pairs}
 
 
 # ----------------------------------------------------------------------------
@@ -411,9 +445,9 @@ def deep_step_factory(pairs: Pairs, *, threshold: float = 2e-6,
               transform="none"):
     del anneal_step
     objective = _as_objective(objective)
-    if game is not None or head_update != "total" or transform != "none":
-      raise ValueError("IPG's deep step takes no game, head_update='total' "
-                       "and transform='none'.")
+    if head_update != "total" or transform != "none":
+      raise ValueError("IPG's deep step takes head_update='total' and "
+                       "transform='none'.")
 
     def pair_pass(params, batch_stats, x1, x2):
       feats, _ = model.features(params, batch_stats,
@@ -421,15 +455,22 @@ def deep_step_factory(pairs: Pairs, *, threshold: float = 2e-6,
       logits = model.head_fn(params["head"], feats)
       return jnp.split(feats, 2), jnp.split(logits, 2)
 
-    def loss_fn(params, batch_stats, batch, rng, step):
+    def loss_fn(params, batch_stats, game_state, batch, rng, step):
       feats, logits, new_bs = deep._forward(  # pylint: disable=protected-access
           model, params, batch_stats, batch.x, train=True)
       out = objectives.Outputs(logits, batch.y, batch.valid, params, rng,
                                task, feats, model.head_fn, params["head"])
+      if game is not None:  # E.g. GroupDRO's weights (IPG + GroupDRO).
+        sg = jax.lax.stop_gradient
+        game_state, _ = game.inner(
+            game_state, sg(params["head"]),
+            out._replace(logits=sg(logits), features=sg(feats), params=None),
+            False)
+        out = out._replace(state=game_state)
       total, aux = objective(out, step)
       aux["train_acc"] = objectives.accuracy(logits, batch.y, batch.valid,
                                              task).mean()
-      return total, (aux, new_bs)
+      return total, (aux, new_bs, game_state)
 
     def step_fn(state, data: train_lib.EnvArrays):
       k = jax.random.fold_in(state.rng, state.step)
@@ -437,16 +478,16 @@ def deep_step_factory(pairs: Pairs, *, threshold: float = 2e-6,
       x1, x2 = sample_pairs(k_pair)
       batch = train_lib.epoch_batch(data, state.rng, state.step, batch_size)
       bs = state.batch_stats
-      params, opt_state, (aux, new_bs), ipg_aux = two_step(
+      params, opt_state, (aux, new_bs, game_state), ipg_aux = two_step(
           optimizer, state.params, state.opt_state,
           distance=lambda p: rationale_distance(
               *pair_pass(p, bs, x1, x2)[0], head_kernel(p)),
           loss_grad=lambda p: jax.grad(loss_fn, has_aux=True)(
-              p, bs, batch, k_obj, state.step),
+              p, bs, state.game, batch, k_obj, state.step),
           pair_logits=lambda p: pair_pass(p, bs, x1, x2)[1],
           threshold=threshold, alpha=alpha, task=task)
       return deep.DeepState(state.step + 1, params, new_bs, opt_state,
-                            state.game, state.rng), dict(aux, **ipg_aux)
+                            game_state, state.rng), dict(aux, **ipg_aux)
 
     return step_fn
 

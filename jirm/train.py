@@ -35,7 +35,8 @@ import optax
 from jirm import data as data_lib
 from jirm import objectives
 
-SELECTION_RULES = ("last", "train_domain_val", "oracle", "oracle_train_gt60")
+SELECTION_RULES = ("last", "train_domain_val", "val_worst_group", "oracle",
+                   "oracle_train_gt60")
 
 
 class TrainState(NamedTuple):
@@ -204,12 +205,36 @@ class FitResult:
   wall_s: float
 
 
+def _group_metrics(acc_TE, sizes):
+  """(average accuracy weighted by group size, worst non-empty group)."""
+  sizes = np.asarray(sizes, np.float64)
+  avg = (acc_TE * sizes).sum(1) / sizes.sum()
+  worst = np.where(sizes > 0, acc_TE, np.inf).min(1)
+  return avg, worst
+
+
 def select(history: dict, env_names: dict) -> dict:
-  """Applies the model-selection rules to a history of evaluations."""
+  """Applies the model-selection rules to a history of evaluations.
+
+  On group datasets (``env_names`` holds ``test_sizes``: one env per group,
+  :mod:`jirm.data.shift`) every selection also carries ``avg_acc``
+  (sample-weighted), ``worst_group_acc`` and ``group_acc``, ``test_acc`` is
+  the average accuracy, and ``val_worst_group`` picks the evaluation with
+  the best worst-group validation accuracy (Sagawa et al. 2020).
+  """
   train = history["train_acc_E"].mean(1)
   test = history["test_acc_E"].mean(1)
   val = history["val_acc_E"].mean(1) if "val_acc_E" in history else None
+  groups = "test_sizes" in env_names
+  if groups:
+    test, test_worst = _group_metrics(history["test_acc_E"],
+                                      env_names["test_sizes"])
+    if val is not None and "val_sizes" in env_names:
+      val, val_worst = _group_metrics(history["val_acc_E"],
+                                      env_names["val_sizes"])
   picks = {"last": len(train) - 1, "oracle": int(np.argmax(test))}
+  if groups and val is not None and "val_sizes" in env_names:
+    picks["val_worst_group"] = int(np.argmax(val_worst))
   # SparseIRM's rule: best test accuracy among points with train acc > 0.6.
   ok = train > 0.6
   if ok.any():
@@ -229,6 +254,12 @@ def select(history: dict, env_names: dict) -> dict:
                test_acc=float(test[i]), env_acc=env_acc)
     if val is not None:
       sel["val_acc"] = float(val[i])
+    if groups:
+      sel.update(avg_acc=float(test[i]), worst_group_acc=float(test_worst[i]),
+                 group_acc={n: float(a) for n, a in zip(
+                     env_names["test"], history["test_acc_E"][i])})
+      if "val_sizes" in env_names and val is not None:
+        sel["val_worst_group_acc"] = float(val_worst[i])
     out[rule] = sel
   return out
 
@@ -321,6 +352,10 @@ def env_names_of(splits: data_lib.EnvSplits) -> dict:
   names = dict(train=list(splits.train.names), test=list(splits.test.names))
   if splits.val is not None:
     names["val"] = list(splits.val.names)
+  if splits.info.get("group_envs"):  # One env per group (jirm.data.shift).
+    names["test_sizes"] = splits.test.sizes
+    if splits.val is not None:
+      names["val_sizes"] = splits.val.sizes
   return names
 
 
