@@ -200,3 +200,42 @@ def test_group_pairs_need_both_attribute_values(wb_root):
     ipg.group_pairs(w100.train)
   pairs = ipg.group_pairs(w100.val, num_pairs=4)
   assert pairs.x.shape == (4, 2, 8, 8, 3)
+
+
+@pytest.mark.parametrize("dataset", ["waterbirds", "celeba",
+                                     "colored_object"])
+def test_experiment_end_to_end_on_fake_copies(tmp_path, dataset):
+  from experiments import shift as shift_exp  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / "data")
+  {"waterbirds": fx.write_waterbirds, "celeba": fx.write_celeba,
+   "colored_object": fx.write_coco}[dataset](root)
+  overrides = ["data.image_size=8"]
+  if dataset == "colored_object":
+    overrides = []
+  out = str(tmp_path / "out")
+  # Every method on Waterbirds; one on the others (loaders differ only).
+  methods = ["erm", "group_dro", "ipg"] if dataset == "waterbirds" else [
+      "group_dro"]
+  if dataset == "colored_object":  # Its fake copy is built per call: small.
+    import unittest.mock as mock  # pylint: disable=g-import-not-at-top
+    small = ((("truck", 4, 2),), (("dog", 4, 2),))
+    orig = shift.colored_object
+    patch = mock.patch.object(
+        shift_exp.shift_data, "colored_object",
+        lambda root, **kw: orig(root, classes=small, **kw))
+  else:
+    import contextlib  # pylint: disable=g-import-not-at-top
+    patch = contextlib.nullcontext()
+  with patch:
+    shift_exp.run(dataset, methods, "quick", 1, 0, out, root, overrides,
+                  progress=False)
+    shift_exp.run(dataset, methods, "quick", 1, 0, out, root, overrides,
+                  progress=False)  # Finished restarts are skipped.
+  recs = jirm.results.read_jsonl(os.path.join(out, "results.jsonl"))
+  assert sorted({r["method"] for r in recs}) == sorted(methods)
+  assert len([r for r in recs if r["selection"] == "last"]) == len(methods)
+  for r in recs:
+    assert 0.0 <= r["worst_group_acc"] <= r["avg_acc"] + 1e-9
+  summary = open(os.path.join(out, "summary.md")).read()
+  assert "| group_dro | quick | 1 |" in summary
+  assert os.path.exists(os.path.join(out, "curves.png"))
