@@ -329,7 +329,7 @@ class Term:
   """A named pure function of :class:`Outputs`; compose with ``+`` and ``*``.
 
   Calling a term with keyword options returns a configured copy
-  (``jirm.irmv1(variant='split')``); :meth:`value` evaluates it.
+  (``jirm.irmv1(variant='split')``); :meth:`Term.value` evaluates it.
   """
 
   name: str

@@ -4,7 +4,7 @@ The encoder ``h_u`` (:class:`ResNet`) maps ``[N, H, W, C]`` images to pooled
 features ``[N, D]``; heads ``g_v`` (:class:`LinearHead`, :class:`MLPHead`) map
 features to logits. Parameter names mirror torchvision's state-dict keys
 (``conv1``, ``bn1``, ``layer1_0/conv1``, ``layer1_0/downsample_conv``, ...) so
-:func:`jirm.convert.torchvision_resnet` can load a ``.pth`` file.
+:func:`jirm.convert.load_torchvision_resnet` can load a ``.pth`` file.
 
 XLA's CPU convolution is 20-40x slower than a matmul on the tiny feature maps
 of a ResNet on 64x32 inputs (stages at 4x2 and 2x1). :class:`Conv2d` therefore
