@@ -105,10 +105,11 @@ def run_ray(fn: Callable, work_dir: str, trials: Sequence[dict], *,
   started = not ray.is_initialized()
   if started:
     kw = dict(address=address) if address else dict(num_cpus=num_workers)
+    env = {k: os.environ[k] for k in ("JAX_PLATFORMS", "PYTHONPATH",
+                                      "TFDS_DATA_DIR", "JIRM_CACHE_DIR")
+           if k in os.environ}
     ray.init(include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"JAX_PLATFORMS": os.environ.get(
-                 "JAX_PLATFORMS", ""), "PYTHONPATH": os.environ.get(
-                     "PYTHONPATH", "")}}, **kw)
+             runtime_env={"env_vars": env}, **kw)
   try:
     task = ray.remote(num_cpus=1, max_retries=max_retries)(fn)
     refs = {task.remote(os.path.abspath(work_dir), t): t for t in todo}
