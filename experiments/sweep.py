@@ -258,7 +258,8 @@ def collect(work_dir):
            "|---|---|---|" + "---|" * len(RULES)]
   csv = ["method,hparams_id,hparams,n," + ",".join(
       f"{r}_test_mean,{r}_test_std" for r in RULES)]
-  for (m, hid), row in sorted(rows.items()):
+  order = lambda kv: (kv[0][0], sorted(kv[1]["hparams"].items()))
+  for (m, hid), row in sorted(rows.items(), key=order):
     hp = ", ".join(f"{k}={v:g}" for k, v in sorted(row["hparams"].items()))
     cells, cvals = [], []
     for rule in RULES:
