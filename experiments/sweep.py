@@ -251,7 +251,7 @@ def collect(work_dir):
     rows[key]["seeds"].add(r["seed"])
     rows[key].setdefault(r["selection"], []).append(r)
   ms = lambda v: f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}"
-  lines = [f"# Sweep: {os.path.abspath(work_dir)}", "",
+  lines = [f"# Sweep: {work_dir}", "",
            "Test accuracy % (mean ± std over restarts) per hyperparameter "
            "point and selection rule; `oracle` reads the test set.", "",
            "| method | hparams | n | " + " | ".join(RULES) + " |",
@@ -331,7 +331,7 @@ def main(argv):
   jirm.runtime.configure_cpu()
   out = os.path.abspath(FLAGS.output_dir)
   if FLAGS.collect_only:
-    print(collect(out) or "no finished trials")
+    print(collect(FLAGS.output_dir) or "no finished trials")
     return
   if FLAGS.run_trial >= 0:  # A Slurm array element.
     with open(os.path.join(out, "trials.json")) as f:
