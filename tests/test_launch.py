@@ -149,3 +149,23 @@ def test_slurm_array_script_and_one_element(tmp_path):
   trials = json.loads((out / "trials.json").read_text())
   assert launch.is_done(str(out), trials[4])
   assert not launch.is_done(str(out), trials[3])
+
+
+def test_random_search_any_experiment_local_backend(tmp_path):
+  trials = sweep_exp.make_trials("irm_tv", ["irmv1"], "quick", "random",
+                                 n_hparams=3, hparams_seed=0, restarts=1)
+  assert len(trials) == 3 and len({t["hparams_id"] for t in trials}) == 3
+  defaults = trials[0]["hparams"]  # hparams seed 0 = the preset's flags.
+  assert defaults["penalty_weight"] == 1e4 and defaults["lr"] == 0.005
+  assert trials[1]["hparams"] != defaults
+  text = sweep_exp.launch_sweep(trials, str(tmp_path), "local",
+                                progress=False)
+  recs = launch.read_results(str(tmp_path))
+  assert len({r["trial"] for r in recs}) == 3
+  for t in trials:  # Each trial ran with its own hyperparameters.
+    r = [x for x in recs if x["trial"] == t["id"]][0]
+    assert r["config"]["penalty_weight"] == pytest.approx(
+        t["hparams"]["penalty_weight"])
+    assert r["config"]["anneal"] == t["hparams"]["anneal"]
+  assert "## Selected point per rule" in text
+  assert "| irmv1 | train_domain_val |" in text
