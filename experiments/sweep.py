@@ -215,11 +215,11 @@ def run_vmap(work_dir, trials, trials_per_call=None, mnist=None,
                           [t["seed"] for t in group], trials_per_call,
                           progress)
     wall = (time.time() - t0) / len(group)
-    for t, c, res in zip(group, configs_, results):
-      splits = splits_fn(t["seed"])
+    info = splits_fn(group[0]["seed"]).info  # Same recipe; only the seed
+    for t, c, res in zip(group, configs_, results):  # differs per trial.
       obj = objective_fn({k: c[k] for k in hparams_registry.TRACEABLE})
       records = common.records_from_fit(res, c, t["seed"], obj.describe(),
-                                        splits.info, wall,
+                                        dict(info, seed=t["seed"]), wall,
                                         backend="vmap")
       launch.write_result(work_dir, t, _tag(records, t))
 

@@ -246,6 +246,7 @@ def fit_sweep(splits, *, model,
       ev = jax.tree.map(lambda *a: jnp.stack(a),
                         *[arrays(get_splits(t["seed"])) for t in part])
       ev = place(ev, True)
+      splits_of.clear()  # Hold one chunk's data at a time.
     else:
       ev = shared
     params, history = vrun(hp, seed_T, ev)
