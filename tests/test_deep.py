@@ -372,8 +372,9 @@ def test_irm_game_first_player_step_is_manual_sgd():
 def test_every_deep_method_runs_and_its_penalty_moves_the_encoder(sources):
   from experiments import cifar_mnist  # pylint: disable=g-import-not-at-top
   from experiments.configs import cifar_mnist as configs  # pylint: disable=g-import-not-at-top
-  assert set(configs.METHODS) == set(deep.DEEP_METHODS)
-  for method in deep.DEEP_METHODS:
+  # GroupDRO (a group-dataset method) is exercised in test_shift.py.
+  assert set(configs.METHODS) == set(deep.DEEP_METHODS) - {"group_dro"}
+  for method in configs.METHODS:
     config = configs.get_config(method, "quick")
     config.epochs, config.anneal_epochs = 1, 0
     config.data.train_num, config.data.test_num = 200, 50
