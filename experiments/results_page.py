@@ -66,6 +66,7 @@ STUDIES = collections.OrderedDict([
                "python -m experiments.sweep --experiment=colored_mnist "
                "--method=irmv1 --grid=penalty_weight=100,1000,10000,91257.19 "
                "--restarts=8 --set=hidden_dim=64 --backend=vmap "
+               "--trials_per_call=16 "
                "--output_dir=DIR", "docs/scaling.md")),
 ])
 
