@@ -121,7 +121,8 @@ def build_page(results_dir, machine, out):
     summary = os.path.join(d, "summary.md")
     if os.path.exists(summary):
       text = open(summary).read().strip().splitlines()
-      body = [ln for ln in text if not ln.startswith("# ")]
+      body = [("#" + ln if ln.startswith("## ") else ln) for ln in text
+              if not ln.startswith("# ")]
       lines += body + [""]
     pngs = sorted(f for f in os.listdir(d) if f.endswith(".png"))
     rel = os.path.relpath(d, os.path.dirname(os.path.abspath(out)))
