@@ -184,13 +184,10 @@ def expand_grid(config, grid):
   """One config per point of the ``key=v1,v2`` grid; each is tagged in
   ``config.note`` (and its records' method name) with its grid values."""
   points = [config]
-  for item in grid:
-    if "=" not in item:
-      raise ValueError(f"--grid={item!r}: expected key=v1,v2,...")
-    key, values = item.split("=", 1)
+  for key, values in common.parse_grid(grid).items():
     new = []
     for c in points:
-      for v in values.split(","):
+      for v in values:
         c2 = common.apply_overrides(c.copy_and_resolve_references(),
                                     [f"{key}={v}"])
         c2.note = ",".join(filter(None, [c.note, f"{key}={v}"]))

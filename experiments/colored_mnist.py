@@ -70,6 +70,24 @@ def define_flags():
 
 
 
+def build_objective(config, hp=None):
+  """The config's objective; ``hp`` may give ``penalty_weight`` and ``l2`` as
+  (traced) values instead of the config's (``experiments.sweep``'s vmap
+  backend)."""
+  hp = dict(hp or {})
+  method = jirm.methods.get(config.method)
+  sched = None
+  if method.penalty is not None:
+    sched = jirm.schedules.preset(
+        config.schedule, weight=hp.get("penalty_weight",
+                                       config.penalty_weight),
+        anneal=config.anneal)
+  return jirm.methods.build_objective(
+      config.method, l2=hp.get("l2", config.l2),
+      erm_reduction=config.erm_reduction, schedule=sched,
+      penalty_options=config.penalty_options.to_dict())
+
+
 def build_run(config, data_dir=None, seed=0, mnist=None):
   """Config -> (splits, model, objective, optimizer); the library call."""
   method = jirm.methods.get(config.method)
@@ -78,14 +96,7 @@ def build_run(config, data_dir=None, seed=0, mnist=None):
       num_envs=config.data.num_envs, label_noise=config.data.label_noise,
       test_e=config.data.test_e, grayscale=method.oracle,
       val=config.data.val, data_dir=data_dir, mnist=mnist)
-  sched = None
-  if method.penalty is not None:
-    sched = jirm.schedules.preset(config.schedule,
-                                  weight=config.penalty_weight,
-                                  anneal=config.anneal)
-  objective = jirm.methods.build_objective(
-      config.method, l2=config.l2, erm_reduction=config.erm_reduction,
-      schedule=sched, penalty_options=config.penalty_options.to_dict())
+  objective = build_objective(config)
   model = jirm.models.mlp(config.hidden_dim, config.depth)
   import optax  # pylint: disable=g-import-not-at-top
   return splits, model, objective, optax.adam(config.lr)

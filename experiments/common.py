@@ -33,6 +33,17 @@ def apply_overrides(config, overrides):
   return config
 
 
+def parse_grid(items) -> dict:
+  """``['key=v1,v2', ...]`` (``--grid`` flags) -> ``{key: ['v1', 'v2']}``."""
+  axes = {}
+  for item in items:
+    if "=" not in item:
+      raise ValueError(f"--grid={item!r}: expected key=v1,v2,...")
+    key, values = item.split("=", 1)
+    axes[key] = [v for v in values.split(",") if v]
+  return axes
+
+
 def run_restarts(configs, restarts, seed, output_dir, run_restart, report,
                  key_fields=("method", "preset")):
   """Runs every (config, seed) not yet recorded in ``results.jsonl``.

@@ -95,16 +95,6 @@ def base_config(experiment, method, preset, overrides=()):
   return common.apply_overrides(cfg.get_config(method, preset), overrides)
 
 
-def _parse_grid(items):
-  axes = {}
-  for item in items:
-    if "=" not in item:
-      raise ValueError(f"--grid={item!r}: expected key=v1,v2,...")
-    k, vals = item.split("=", 1)
-    axes[k] = [float(v) for v in vals.split(",") if v]
-  return axes
-
-
 def make_trials(experiment, methods, preset, search, grid=(), n_hparams=10,
                 hparams_seed=0, restarts=3, seed=0, overrides=(),
                 data_dir=None):
@@ -114,7 +104,8 @@ def make_trials(experiment, methods, preset, search, grid=(), n_hparams=10,
   for method in methods:
     config = base_config(experiment, method, preset, overrides)
     if search == "grid":
-      axes = _parse_grid(grid)
+      axes = {k: [float(v) for v in vals]
+              for k, vals in common.parse_grid(grid).items()}
       for k in axes:
         if k not in config:
           raise ValueError(f"--grid key {k!r} is not in the {experiment} "
@@ -193,20 +184,10 @@ def run_vmap(work_dir, trials, trials_per_call=None, mnist=None,
   for group in groups.values():
     t0 = time.time()
     config = _config_of(group[0])
-    method = jirm.methods.get(config.method)
     data_dir = group[0].get("data_dir")
     splits_fn = lambda s: colored_mnist.build_run(config, data_dir, s,
                                                   mnist)[0]
-
-    def objective_fn(hp, config=config, method=method):
-      sched = None
-      if method.penalty is not None:
-        sched = jirm.schedules.preset(config.schedule,
-                                      weight=hp["penalty_weight"],
-                                      anneal=config.anneal)
-      return jirm.methods.build_objective(
-          config.method, l2=hp["l2"], erm_reduction=config.erm_reduction,
-          schedule=sched, penalty_options=config.penalty_options.to_dict())
+    objective_fn = functools.partial(colored_mnist.build_objective, config)
 
     configs_ = [_config_of(t) for t in group]
     hps = {k: [float(c[k]) for c in configs_]

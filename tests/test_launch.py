@@ -12,7 +12,6 @@ import time
 import pytest
 
 import jirm
-from experiments import configs  # pylint: disable=unused-import
 from experiments import hparams_registry
 from experiments import sweep as sweep_exp
 from experiments.configs import colored_mnist as cm_configs

@@ -72,21 +72,24 @@ def _pooled_env(x, y, a, name="train"):
               np.ones((1, len(y)), bool), (name,), (float(np.mean(a != y)),))
 
 
-def _splits(parts: dict, group_names, train_envs: str, info: dict):
-  if train_envs not in TRAIN_ENVS:
+def _splits(parts: dict, group_names, train_envs: str, info: dict,
+            train=None):
+  """``parts[split] = (x, y, a)`` -> EnvSplits with one env per group in the
+  evaluation splits; ``train`` (given envs) replaces ``parts['train']``."""
+  if train is None and train_envs not in TRAIN_ENVS:
     raise DataError(f"train_envs={train_envs!r}: choose one of {TRAIN_ENVS}.")
-  for name in ("train", "test"):
+  for name in ("test",) if train is not None else ("train", "test"):
     if len(parts[name][1]) == 0:
       raise DataError(f"the {name} split is empty ({info.get('root')}).")
-  x, y, a = parts["train"]
-  if train_envs == "groups":  # Non-empty groups only (Waterbird-100 has 2).
+  if train is None and train_envs == "groups":
+    x, y, a = parts["train"]  # Non-empty groups only (Waterbird-100 has 2).
     g = 2 * y + a
     keep = [k for k in range(len(group_names)) if np.any(g == k)]
     sel = np.isin(g, keep)
     train = _group_envs(x[sel], y[sel], a[sel], group_names)
     train = train.select(keep) if len(keep) < len(group_names) else train
-  else:
-    train = _pooled_env(x, y, a)
+  elif train is None:
+    train = _pooled_env(*parts["train"])
   test = _group_envs(*parts["test"], group_names, "test:")
   val = (_group_envs(*parts["val"], group_names, "val:")
          if len(parts.get("val", ((), ()))[1]) else None)
@@ -464,11 +467,6 @@ def colored_object(coco_root: str, *, seed: int = 0,
                                         tr1[1].astype(np.int32)],
                      [tr0[2] == 1, tr1[2] == 1],
                      [f"cons={cons[0]}", f"cons={cons[1]}"], cons[:2])
-  test = _group_envs(*parts["test"], COLORED_OBJECT_GROUPS, "test:")
-  counts = {s: [int(np.sum(2 * p[1] + p[2] == k)) for k in range(4)]
-            for s, p in parts.items()}
   info = dict(dataset="colored_object", seed=seed, cons=list(cons),
-              label_noise=label_noise, image_size=image_size,
-              groups=COLORED_OBJECT_GROUPS, group_counts=counts,
-              group_envs=True, root=coco_root, train_envs="given")
-  return EnvSplits(train=train, test=test, val=None, task="binary", info=info)
+              label_noise=label_noise, image_size=image_size, root=coco_root)
+  return _splits(parts, COLORED_OBJECT_GROUPS, "given", info, train=train)
