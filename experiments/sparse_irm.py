@@ -118,10 +118,15 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
   common_kw = dict(eval_every=config.eval_every, progress=progress, desc=desc)
   batch = config.batch_size or None
   if config.method in ("sparse_irm", "sparse_erm"):
+    # Optional linear warm-up of the score learning rate from the step the
+    # scores unfreeze (the frozen optimizer state keeps its count at 0).
+    score_lr = (optax.linear_schedule(0.0, config.score_lr,
+                                      config.score_warmup)
+                if config.score_warmup else config.score_lr)
     res = sparse.fit(
         splits, model=model, objective=objective, steps=config.steps,
         keep_target=config.keep, seed=seed,
-        weight_opt=optax.adam(config.lr), score_opt=optax.adam(config.score_lr),
+        weight_opt=optax.adam(config.lr), score_opt=optax.adam(score_lr),
         score_start=config.score_start, budget_end=config.budget_end,
         batch_size=batch, checkpoint_dir=checkpoint_dir,
         checkpoint_every=config.checkpoint_every, **common_kw)
@@ -374,9 +379,15 @@ def write_reports(output_dir):
         row.append(" \\| ".join(parts))
       md.append(f"| {m} | " + " | ".join(row) + " |")
     md.append("")
+  every = collections.defaultdict(set)
+  for r in records:
+    every[r["config"]["eval_every"]].add(f"{r['method']} H={r['hidden_dim']}")
+  where = "; ".join(f"every {k} step(s): {', '.join(sorted(v))}"
+                    for k, v in sorted(every.items()))
   md += ["Selection rules: `last` = final step; `oracle_train_gt60` = best "
-         "test accuracy among evaluation points (every 10 steps) with mean "
-         "train accuracy > 0.6 (SparseIRM's reported rule; uses test data).",
+         "test accuracy among evaluation points with mean train accuracy > "
+         "0.6 (SparseIRM's reported rule; uses test data). Evaluation "
+         f"points: {where}.",
          "Each line of results.jsonl holds the full config, seed, density "
          "and wall time.", ""]
   results_lib.atomic_write(os.path.join(output_dir, "summary.md"),

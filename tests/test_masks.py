@@ -137,6 +137,35 @@ def test_scores_frozen_before_start_then_projected(synthetic_mnist):
   assert set(state.scores) == set(masks.select(params))
 
 
+@pytest.mark.parametrize("warmup", [0, 5])
+def test_score_warmup_starts_when_scores_unfreeze(synthetic_mnist, warmup):
+  # experiments.sparse_irm's score_warmup: the schedule's count stays at 0
+  # while the scores are frozen, so the first active update has lr 0.
+  splits, objective = _step_setup(synthetic_mnist)
+  model, params = _mlp_params(16)
+  scores = masks.init_scores(params, value=0.9)  # Inside the clip: gradients.
+  wopt = optax.adam(1e-2)
+  sopt = optax.adam(optax.linear_schedule(0.0, 5e-2, warmup) if warmup
+                    else 5e-2)
+  step = jax.jit(sparse.make_step(
+      model.apply, objective, weight_opt=wopt, score_opt=sopt,
+      total_steps=20, keep_target=1.0, num_scores=masks.num_scores(scores)))
+  state = sparse.SparseState(jnp.zeros((), jnp.int32), params, scores,
+                             wopt.init(params), sopt.init(scores),
+                             jax.random.key(0))
+  arrays = train_lib.EnvArrays.from_envs(splits.train)
+  start = int(0.28 * 20)
+  moved = []
+  for _ in range(start + 2):
+    new, _ = step(state, arrays)
+    moved.append(max(float(jnp.abs(new.scores[p] - state.scores[p]).max())
+                     for p in scores))
+    state = new
+  assert moved[:start] == [0.0] * start
+  assert (moved[start] == 0.0) == bool(warmup)
+  assert moved[start + 1] > 0.0
+
+
 def test_sparse_fit_runs_and_irm_gradient_reaches_scores(synthetic_mnist):
   splits, objective = _step_setup(synthetic_mnist)
   model, params = _mlp_params(16)
