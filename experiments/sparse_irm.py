@@ -395,6 +395,7 @@ def write_reports(output_dir):
   results_lib.atomic_write(os.path.join(output_dir, "summary.csv"),
                            "\n".join(csv) + "\n")
   _plot_overparam(cells, os.path.join(output_dir, "overparam.png"))
+  _plot_curves(records, os.path.join(output_dir, "curves.png"))
 
 
 def _plot_overparam(cells, path):
@@ -418,6 +419,36 @@ def _plot_overparam(cells, path):
     ax.set(xlabel="hidden width", ylabel="test accuracy % (last step)",
            title=f"{key[0]} {key[1]}, {key[2]}")
     ax.legend(fontsize=7)
+  fig.tight_layout()
+  results_lib.save_figure(fig, path, dpi=100)
+
+
+def _plot_curves(records, path):
+  """Test accuracy over training, one panel per (dataset, penalty, width),
+  one line per restart; markers at the penalty onset and score unfreezing."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  runs = collections.defaultdict(list)
+  for r in records:
+    if r["selection"] == "last" and "curve" in r:
+      runs[(r["dataset"], r["penalty"], r["hidden_dim"])].append(r)
+  if not runs:
+    return
+  fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4),
+                           squeeze=False)
+  colours = {}
+  for ax, (key, rs) in zip(axes[0], sorted(runs.items())):
+    for r in sorted(rs, key=lambda r: (r["method"], r["seed"])):
+      c = colours.setdefault(r["method"], f"C{len(colours)}")
+      ax.plot(r["curve"]["step"], 100 * np.asarray(r["curve"]["test_acc"]),
+              color=c, lw=0.8, alpha=0.8, label=f"{r['method']} s{r['seed']}")
+    cfg = rs[0]["config"]
+    ax.axvline(cfg["anneal"], color="k", ls=":", lw=0.8)
+    ax.axvline(cfg["score_start"] * cfg["steps"], color="k", ls="--", lw=0.8)
+    ax.set(xlabel="step (dotted: penalty on; dashed: scores unfreeze)",
+           ylabel="test accuracy %", title=f"{key[0]} {key[1]} H={key[2]}")
+    ax.legend(fontsize=6, ncol=2)
   fig.tight_layout()
   results_lib.save_figure(fig, path, dpi=100)
 

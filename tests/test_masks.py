@@ -275,6 +275,7 @@ def test_experiment_writes_tables(tmp_path, synthetic_mnist):
   csv = (tmp_path / "summary.csv").read_text().splitlines()
   assert len(csv) > 10
   assert (tmp_path / "overparam.png").stat().st_size > 1000
+  assert (tmp_path / "curves.png").stat().st_size > 1000
   recs = jirm.results.read_jsonl(str(tmp_path / "results.jsonl"))
   dens = {r["method"]: r["density"] for r in recs if r["selection"] == "last"}
   assert dens["irm"] == 1.0 and dens["sparse_irm"] < 1.0
