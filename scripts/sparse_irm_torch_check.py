@@ -57,7 +57,8 @@ def plot(jsons, jax_results, out):
   jax_curves = {}
   for line in open(jax_results):
     r = json.loads(line)
-    if r["method"] == "sparse_irm" and r["selection"] == "last":
+    if (r["method"] == "sparse_irm" and r["selection"] == "last"
+        and r.get("penalty") == "irmv1"):
       jax_curves[(r["hidden_dim"], r["seed"])] = r["curve"]
   fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4),
                            squeeze=False)
