@@ -107,6 +107,15 @@ def build_objective(config):
   return obj + sched * getattr(jirm.objectives, name)(**options)
 
 
+def score_optimizer(config):
+  """Adam on the scores; ``score_warmup > 0`` adds a linear learning-rate
+  warm-up, which starts when the scores unfreeze (:func:`jirm.sparse.make_step`
+  keeps the optimizer state, and so the schedule's count, frozen before)."""
+  lr = (optax.linear_schedule(0.0, config.score_lr, config.score_warmup)
+        if config.score_warmup else config.score_lr)
+  return optax.adam(lr)
+
+
 def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
                 checkpoint_dir=None):
   t0 = time.time()
@@ -118,15 +127,10 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
   common_kw = dict(eval_every=config.eval_every, progress=progress, desc=desc)
   batch = config.batch_size or None
   if config.method in ("sparse_irm", "sparse_erm"):
-    # Optional linear warm-up of the score learning rate from the step the
-    # scores unfreeze (the frozen optimizer state keeps its count at 0).
-    score_lr = (optax.linear_schedule(0.0, config.score_lr,
-                                      config.score_warmup)
-                if config.score_warmup else config.score_lr)
     res = sparse.fit(
         splits, model=model, objective=objective, steps=config.steps,
         keep_target=config.keep, seed=seed,
-        weight_opt=optax.adam(config.lr), score_opt=optax.adam(score_lr),
+        weight_opt=optax.adam(config.lr), score_opt=score_optimizer(config),
         score_start=config.score_start, budget_end=config.budget_end,
         batch_size=batch, checkpoint_dir=checkpoint_dir,
         checkpoint_every=config.checkpoint_every, **common_kw)

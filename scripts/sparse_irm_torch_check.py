@@ -23,11 +23,12 @@ curves beside jirm's (same method, width and seed) from a results file.
 
 import argparse
 import json
-import os
 import time
 
 import numpy as np
 import torch
+
+from jirm import results as results_lib
 
 _EPS = 1e-20
 
@@ -76,8 +77,7 @@ def plot(jsons, jax_results, out):
            title=f"SparseIRM H={run['hidden']} seed {run['seed']}")
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(out + ".tmp.png", dpi=100)
-  os.replace(out + ".tmp.png", out)
+  results_lib.save_figure(fig, out, dpi=100)
 
 
 def main():
@@ -195,10 +195,7 @@ def main():
                 paper_rule_test=float(te_[ok].max()) if ok.any() else None,
                 paper_rule_step=(int(np.asarray(hist["step"])[ok][
                     te_[ok].argmax()]) if ok.any() else None))
-  tmp = args.out + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f)
-  os.replace(tmp, args.out)
+  results_lib.atomic_write(args.out, json.dumps(result))
   print(f"last test {result['last_test']:.4f}; paper rule "
         f"{result['paper_rule_test']} (step {result['paper_rule_step']}); "
         f"{result['wall_s']:.0f}s")

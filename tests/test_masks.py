@@ -141,12 +141,15 @@ def test_scores_frozen_before_start_then_projected(synthetic_mnist):
 def test_score_warmup_starts_when_scores_unfreeze(synthetic_mnist, warmup):
   # experiments.sparse_irm's score_warmup: the schedule's count stays at 0
   # while the scores are frozen, so the first active update has lr 0.
+  from experiments import sparse_irm as exp  # pylint: disable=g-import-not-at-top
+  from experiments.configs import sparse_irm as cfg  # pylint: disable=g-import-not-at-top
   splits, objective = _step_setup(synthetic_mnist)
   model, params = _mlp_params(16)
   scores = masks.init_scores(params, value=0.9)  # Inside the clip: gradients.
   wopt = optax.adam(1e-2)
-  sopt = optax.adam(optax.linear_schedule(0.0, 5e-2, warmup) if warmup
-                    else 5e-2)
+  config = cfg.get_config("sparse_irm", "quick")
+  config.score_lr, config.score_warmup = 5e-2, warmup
+  sopt = exp.score_optimizer(config)
   step = jax.jit(sparse.make_step(
       model.apply, objective, weight_opt=wopt, score_opt=sopt,
       total_steps=20, keep_target=1.0, num_scores=masks.num_scores(scores)))

@@ -6,7 +6,8 @@ scores Adam 6e-3 (constant), l2 1e-3 on the raw weights and biases, penalty
 weight 1e4 switched on at step 200 (FullColoredMNIST: 400) with the loss
 divided by 1 + lambda, keep ratio 0.95 reached at 60% of training, scores
 frozen until 28%, evaluation every epoch (one Bernoulli mask per
-evaluation). Dense baselines (ERM, IRM) use the same protocol without masks. Preset ``quick`` shrinks everything for smoke tests.
+evaluation). Dense baselines (ERM, IRM) use the same protocol without masks.
+Preset ``quick`` shrinks everything for smoke tests.
 """
 
 import ml_collections
@@ -35,7 +36,8 @@ def get_config(method: str = "sparse_irm", preset: str = "paper",
   c.depth = 2
   # ColoredMNIST: 1500 full-batch epochs. FullColoredMNIST: 1500 epochs of
   # batch 390 per env = 1500 * (25000 // 390) steps (GPU territory).
-  c.steps = 1501 if dataset == "cmnist" else 1500 * (data_num // 2 // 390)
+  steps_per_epoch = 1 if dataset == "cmnist" else data_num // 2 // 390
+  c.steps = 1501 if dataset == "cmnist" else 1500 * steps_per_epoch
   c.batch_size = 0 if dataset == "cmnist" else 390
   c.lr = 6e-4
   c.score_lr = 6e-3
@@ -53,7 +55,7 @@ def get_config(method: str = "sparse_irm", preset: str = "paper",
                                          retrain_steps=1501, sparsity=0.5))
   # Evaluated once per epoch, as SparseIRM does (its selection rule picks
   # the best of these points; each draws a fresh Bernoulli mask).
-  c.eval_every = 1 if dataset == "cmnist" else data_num // 2 // 390
+  c.eval_every = steps_per_epoch
   c.checkpoint_every = 100
   if preset == "quick":
     c.data.data_num = 2000
