@@ -1,0 +1,69 @@
+"""experiments.reproduction_audit: matching and verdicts on fabricated records."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import reproduction_audit as audit
+
+
+def _rec(method, seed, test, train=0.7, selection="last", **kw):
+  return dict(method=method, preset="paper", seed=seed, selection=selection,
+              test_acc=test, train_acc=train,
+              config={"hidden_dim": 390, "penalty_weight": 10.0}, **kw)
+
+
+def _write(d, records):
+  os.makedirs(d, exist_ok=True)
+  with open(os.path.join(d, "results.jsonl"), "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+
+
+def test_verdicts_from_committed_seed_spread(tmp_path):
+  committed = [_rec("a", s, t) for s, t in enumerate([0.60, 0.62, 0.64])]
+  committed += [_rec("b", s, t) for s, t in enumerate([0.50, 0.51])]
+  committed += [_rec("c", 0, 0.3), _rec("d", 0, 0.4)]
+  committed += [_rec("a", 0, 0.99, selection="oracle")]   # Not compared.
+  rerun = [_rec("a", 0, 0.6004),        # 0.04 points: same.
+           _rec("b", 0, 0.509),         # 0.9 <= 2 sigma (0.71) * 2 = 1.41.
+           _rec("c", 0, 0.31),          # 1 point, one seed: no sigma.
+           _rec("a", 1, 0.10)]          # Another seed: ignored.
+  _write(tmp_path / "old", committed)
+  _write(tmp_path / "new", rerun)
+  rows = {r["key"][0]: r for r in audit.audit_study(
+      "s", str(tmp_path / "old"), str(tmp_path / "new"))}
+  assert rows["a"]["verdict"] == "same"
+  assert rows["a"]["sigma"] == pytest.approx(2.0)
+  assert rows["b"]["verdict"] == "within noise"
+  assert rows["c"]["verdict"] == "moved" and rows["c"]["sigma"] is None
+  assert rows["d"]["verdict"] == "not rerun"
+  # 2.1 sigma is out of the noise band.
+  assert audit.verdict(_rec("a", 0, 0.60), _rec("a", 0, 0.642),
+                       [0.60, 0.62, 0.64])[0] == "moved"
+  # Train accuracy counts for "same".
+  assert audit.verdict(_rec("a", 0, 0.6, 0.7), _rec("a", 0, 0.6, 0.71),
+                       [0.60, 0.62, 0.64])[0] == "within noise"
+  text = audit.table(list(rows.values()))
+  assert "| s | a (paper, H=390, λ=10) | 70.0 / 60.0" in text
+  assert "| +0.04 | 2.00 (3) | same |" in text
+
+
+def test_runs_differing_in_penalty_weight_are_separate_rows(tmp_path):
+  recs = [_rec("a", 0, 0.6, penalty_weight=w) for w in (10.0, 100.0)]
+  _write(tmp_path / "old", recs)
+  _write(tmp_path / "new", [_rec("a", 0, 0.6, penalty_weight=100.0)])
+  rows = audit.audit_study("s", str(tmp_path / "old"), str(tmp_path / "new"))
+  assert sorted(r["verdict"] for r in rows) == ["not rerun", "same"]
+
+
+def test_bad_study_flag_is_one_line_and_exit_2(tmp_path):
+  for spec in ("only_two:parts", f"s:{tmp_path}/missing:{tmp_path}"):
+    p = subprocess.run([sys.executable, "-m", "experiments.reproduction_audit",
+                        f"--study={spec}"], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "--study=" in p.stderr
