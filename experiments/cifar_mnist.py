@@ -173,9 +173,13 @@ def write_reports(output_dir):
       published[r["method"]] = f"– / {PUBLISHED[base][col]}"
   title = "CIFAR-MNIST (IRMBed Table 1): " + ", ".join(sorted(
       {f"{r.get('model')} {r.get('envs')}" for r in records}))
+  spread = ("\n## Spread over seeds (`last`)\n\nAt the cpu preset one seed's "
+            "outcome is chaotic in float rounding (docs/reproduction.md): "
+            "read a row by its spread and regime counts, not by its mean "
+            "alone.\n\n" + results_lib.spread_table(records))
   results_lib.atomic_write(os.path.join(output_dir, "summary.md"),
                            results_lib.summary_table(records, published,
-                                                     title))
+                                                     title) + spread)
   results_lib.plot_curves(records, os.path.join(output_dir, "curves.png"),
                           "CIFAR-MNIST: train (dotted) / test (solid)")
 

@@ -72,6 +72,53 @@ def summary_table(records: Sequence[dict], published: dict | None = None,
   return "\n".join(lines).lstrip("\n") + "\n"
 
 
+def spread_table(records: Sequence[dict], selection: str = "last",
+                 threshold: float = 0.5, tail: int = 4) -> str:
+  """Markdown table of how a row's test accuracy spreads over seeds.
+
+  Per method (records of ``selection``): n seeds, mean ± sample std
+  (ddof 1), min-max, how many seeds end below ``threshold`` test accuracy
+  (on CIFAR-MNIST's test env, where the MNIST half agrees with the label
+  10% of the time, below 50% means the model follows the MNIST half), and
+  the within-run swing: the std of the test accuracy over the last ``tail``
+  evaluation points, averaged over seeds (how much "the last step" depends
+  on where the run stops).
+
+  Args:
+    records: result records (``method``, ``seed``, ``selection``,
+      ``test_acc``, optional ``curve``).
+    selection: the selection rule compared.
+    threshold: regime boundary on test accuracy (a fraction).
+    tail: evaluation points of the within-run swing.
+
+  Returns:
+    The table, accuracies in percent.
+
+  Example:
+    >>> spread_table(read_jsonl('results.jsonl'))
+  """
+  groups = collections.OrderedDict()
+  for r in records:
+    if r["selection"] == selection:
+      groups.setdefault(r["method"], []).append(r)
+  lines = [f"| method | seeds | test acc mean ± sd | min – max | seeds < "
+           f"{100 * threshold:.0f}% | within-run swing (sd of last {tail} "
+           f"evals) |", "|---|---|---|---|---|---|"]
+  for method, rs in groups.items():
+    t = 100 * np.asarray([r["test_acc"] for r in rs], float)
+    sd = f"{t.std(ddof=1):.1f}" if len(t) > 1 else "–"
+    swings = [np.std(100 * np.asarray(r["curve"]["test_acc"][-tail:]))
+              for r in rs if len(r.get("curve", {}).get("test_acc", [])) >=
+              tail]
+    swing = f"{np.mean(swings):.1f}" if swings else "–"
+    below = int((t < 100 * threshold).sum())
+    seeds = ", ".join(str(r["seed"]) for r in rs)
+    lines.append(f"| {method} | {len(t)} ({seeds}) | {t.mean():.1f} ± {sd} "
+                 f"| {t.min():.1f} – {t.max():.1f} | {below} / {len(t)} | "
+                 f"{swing} |")
+  return "\n".join(lines) + "\n"
+
+
 def save_figure(fig, path: str, dpi: int = 120) -> None:
   """Saves a matplotlib figure atomically (temporary file, then rename) and
   closes it."""

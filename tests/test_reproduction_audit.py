@@ -67,3 +67,19 @@ def test_bad_study_flag_is_one_line_and_exit_2(tmp_path):
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "--study=" in p.stderr
+
+
+def test_spread_table_hand_computed():
+  from jirm import results  # pylint: disable=g-import-not-at-top
+  curve = lambda *t: {"step": list(range(len(t))), "test_acc": list(t)}
+  recs = [dict(method="m", seed=0, selection="last", test_acc=0.2,
+               curve=curve(0.1, 0.3, 0.1, 0.3, 0.2)),
+          dict(method="m", seed=1, selection="last", test_acc=0.6,
+               curve=curve(0.6, 0.6, 0.6, 0.6)),
+          dict(method="m", seed=2, selection="oracle", test_acc=0.9),
+          dict(method="k", seed=0, selection="last", test_acc=0.7)]
+  text = results.spread_table(recs, tail=4)
+  # m: mean 40, sd sqrt(((20-40)^2 + (60-40)^2) / 1) = 28.3, one seed < 50;
+  # swing: sd(30, 10, 30, 20) = 8.29 and 0 -> 4.1.
+  assert "| m | 2 (0, 1) | 40.0 ± 28.3 | 20.0 – 60.0 | 1 / 2 | 4.1 |" in text
+  assert "| k | 1 (0) | 70.0 ± – | 70.0 – 70.0 | 0 / 1 | – |" in text
