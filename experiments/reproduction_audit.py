@@ -35,10 +35,15 @@ from jirm import results as results_lib
 SAME_POINTS = 0.05
 NOISE_SIGMAS = 2.0
 
-flags.DEFINE_multi_string("study", [], "NAME:COMMITTED_DIR:RERUN_DIR.")
-flags.DEFINE_string("out", None, "Markdown table to write (else stdout).")
-flags.DEFINE_integer("seed", 0, "Seed to compare.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a program, so that the
+  module can be imported beside other experiment modules)."""
+  flags.DEFINE_multi_string("study", [], "NAME:COMMITTED_DIR:RERUN_DIR.")
+  flags.DEFINE_string("out", None, "Markdown table to write (else stdout).")
+  flags.DEFINE_integer("seed", 0, "Seed to compare.")
 
 
 def run_key(record: dict) -> tuple:
@@ -114,7 +119,8 @@ def audit_study(name: str, committed_dir: str, rerun_dir: str,
 
 def _label(key) -> str:
   method, preset, model, envs, hidden, pw, note = key
-  extra = [str(x) for x in (model, f"{envs} envs" if envs else "",
+  envs = envs if "env" in envs else f"{envs} envs" if envs else ""
+  extra = [str(x) for x in (model, envs,
                             f"H={hidden}" if hidden else "",
                             "" if pw is None else f"λ={pw:g}") if x]
   if note:
@@ -160,4 +166,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
