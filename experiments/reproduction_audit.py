@@ -80,7 +80,7 @@ def _commit_of(path: str) -> str:
     path = os.path.abspath(path)
     out = subprocess.run(["git", "log", "-1", "--format=%h", "--", path],
                          capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.abspath(path)))
+                         cwd=os.path.dirname(path))
     return out.stdout.strip() or "uncommitted"
   except (OSError, subprocess.CalledProcessError):
     return "?"
