@@ -6,9 +6,10 @@ initial state and writes, to ``--out`` (an ``.npz``):
 
 * ``data/*``: checksums of the training / test arrays and the first batch;
 * ``init/*``: the initial parameters and BatchNorm statistics (flattened);
-* ``grad0/*``: the first step's gradient of every parameter, read off one
-  ``optax.sgd(1.0)`` step from the initial state (``p0 - p1``), and the
-  BatchNorm statistics after it;
+* ``grad0/*``: the first step's gradient of every parameter, as the step
+  hands it to the optimizer (a transformation that stores the gradient as
+  its state and returns zero updates), and the BatchNorm statistics after
+  that step;
 * ``loss`` / ``train_acc`` per step of the real optimizer;
 * ``params@K`` / ``stats@K`` (flattened) at the steps in ``--save_at``;
 * ``test_acc@K``: eval-mode accuracy on the test environment at those steps.
@@ -101,11 +102,14 @@ def trace(args):
     return deep.DeepState(jnp.zeros((), jnp.int32), params, batch_stats,
                           opt.init(params), game_state, k_train)
 
-  sgd = optax.sgd(1.0)
-  s1, aux = make(sgd)(state0(sgd), train)
-  p0, p1 = _flat(params), _flat(s1.params)
-  for k in p0:
-    out["grad0/params" + k] = p0[k] - p1[k]
+  # The gradient itself, not p0 - p1 of an SGD step (which loses the low
+  # bits of every gradient smaller than its parameter).
+  capture = optax.GradientTransformation(
+      lambda p: jax.tree.map(jnp.zeros_like, p),
+      lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+  s1, aux = make(capture)(state0(capture), train)
+  for k, v in _flat(s1.opt_state).items():
+    out["grad0/params" + k] = v
   for k, v in _flat(s1.batch_stats).items():
     out["grad0/stats" + k] = v
   out["grad0/loss"] = np.float32(aux["total"])

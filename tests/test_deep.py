@@ -206,11 +206,12 @@ def test_resnet18_train_step_matches_standard_layers_in_float64():
       return optax.sigmoid_binary_cross_entropy(logits[:, 0], y64).mean(), (
           logits, st)
 
-    (l_ref, (logits_ref, st_ref)), g_ref = jax.value_and_grad(
-        loss, has_aux=True)(p64)
+    (l_ref, (logits_ref, st_ref)), g_ref = jax.jit(jax.value_and_grad(
+        loss, has_aux=True))(p64)
     l_ref, g_ref = float(l_ref), jax.tree.map(np.asarray, g_ref)
     st_ref = jax.tree.map(np.asarray, st_ref)
-    eval_ref = np.asarray(_reference_resnet18(p64, s64, x64, train=False)[0])
+    eval_ref = np.asarray(jax.jit(
+        lambda p: _reference_resnet18(p, s64, x64, train=False)[0])(p64))
   np.testing.assert_allclose(float(aux["total"]), l_ref, rtol=1e-5)
   worst = max(_rel_err(g, r) for g, r in zip(jax.tree.leaves(grads),
                                              jax.tree.leaves(g_ref)))

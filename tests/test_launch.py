@@ -72,7 +72,7 @@ def _sweep_cmd(out, backend, *extra):
   return [sys.executable, "-m", "experiments.sweep", "--experiment=irm_tv",
           "--method=irmv1", "--preset=quick", "--grid=penalty_weight=10,100",
           "--restarts=3", f"--backend={backend}", f"--output_dir={out}",
-          "--set=steps=3000", "--set=eval_every=100", "--set=anneal=1500",
+          "--set=steps=1200", "--set=eval_every=100", "--set=anneal=600",
           *extra]
 
 

@@ -14,8 +14,10 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def diffs():
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  flags = os.environ.get("XLA_FLAGS", "").split()  # conftest's, if any.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
+      [f for f in flags if "device_count" not in f] +
+      ["--xla_force_host_platform_device_count=8"]))
   worker = os.path.join(os.path.dirname(__file__), "multidevice_worker.py")
   proc = subprocess.run([sys.executable, worker], env=env, capture_output=True,
                         text=True, timeout=900, check=False)
