@@ -17,7 +17,9 @@ seed; only the ``last`` rule is compared. Verdicts:
   deviation of the committed seeds of that row (needs n >= 2 seeds);
 * ``moved``: neither.
 
-Rows of a committed study without a rerun are listed as ``not rerun``.
+Rows of a committed study without a rerun are listed as ``not rerun``. A
+sweep directory (``experiments.sweep``: one ``trials/<id>/result.jsonl`` per
+trial, no ``results.jsonl``) is read trial by trial.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from jirm import launch
 from jirm import results as results_lib
 
 SAME_POINTS = 0.05
@@ -86,16 +89,25 @@ def _commit_of(path: str) -> str:
     return "?"
 
 
+def _records(directory: str) -> tuple:
+  """``(records, path)`` of an output directory or of a sweep directory."""
+  path = os.path.join(directory, "results.jsonl")
+  if not os.path.exists(path) and os.path.isdir(os.path.join(directory,
+                                                              "trials")):
+    return launch.read_results(directory), os.path.join(directory, "trials")
+  return results_lib.read_jsonl(path), path
+
+
 def audit_study(name: str, committed_dir: str, rerun_dir: str,
                 seed: int = 0) -> list:
   """Rows ``dict(study, key, committed, rerun, verdict, sigma, n)``."""
-  path = os.path.join(committed_dir, "results.jsonl")
-  committed = _last(results_lib.read_jsonl(path))
+  records, path = _records(committed_dir)
+  committed = _last(records)
   if not committed:
     raise ValueError(f"--study={name}: no records in {path}; give the "
-                     f"directory of a committed results.jsonl.")
-  rerun = {run_key(r): r for r in _last(results_lib.read_jsonl(
-      os.path.join(rerun_dir, "results.jsonl"))) if r["seed"] == seed}
+                     f"directory of a committed results.jsonl or sweep.")
+  rerun = {run_key(r): r for r in _last(_records(rerun_dir)[0])
+           if r["seed"] == seed}
   commit = _commit_of(path)
   by_key = {}
   for r in committed:

@@ -16,9 +16,9 @@ def _rec(method, seed, test, train=0.7, selection="last", **kw):
               config={"hidden_dim": 390, "penalty_weight": 10.0}, **kw)
 
 
-def _write(d, records):
+def _write(d, records, name="results.jsonl"):
   os.makedirs(d, exist_ok=True)
-  with open(os.path.join(d, "results.jsonl"), "w") as f:
+  with open(os.path.join(d, name), "w") as f:
     for r in records:
       f.write(json.dumps(r) + "\n")
 
@@ -58,6 +58,19 @@ def test_runs_differing_in_penalty_weight_are_separate_rows(tmp_path):
   _write(tmp_path / "new", [_rec("a", 0, 0.6, penalty_weight=100.0)])
   rows = audit.audit_study("s", str(tmp_path / "old"), str(tmp_path / "new"))
   assert sorted(r["verdict"] for r in rows) == ["not rerun", "same"]
+
+
+def test_sweep_directories_are_read_trial_by_trial(tmp_path):
+  # experiments.sweep's layout: trials/<id>/result.jsonl, no results.jsonl.
+  for d, tests in (("old", (0.60, 0.64)), ("new", (0.6002,))):
+    for seed, t in enumerate(tests):
+      _write(tmp_path / d / "trials" / f"irmv1-{seed}", [
+          _rec("irmv1", seed, t), _rec("irmv1", seed, 0.9, selection="oracle")
+      ], name="result.jsonl")
+  (row,) = audit.audit_study("sweep", str(tmp_path / "old"),
+                             str(tmp_path / "new"))
+  assert row["verdict"] == "same" and row["n"] == 2
+  assert row["rerun"]["test_acc"] == 0.6002
 
 
 def test_bad_study_flag_is_one_line_and_exit_2(tmp_path):
