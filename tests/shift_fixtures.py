@@ -23,15 +23,28 @@ WATERBIRDS_COUNTS = {0: (12, 2, 2, 12), 1: (3, 3, 3, 3), 2: (4, 4, 4, 4)}
 CELEBA_COUNTS = {0: (10, 6, 3, 1), 1: (2, 2, 2, 2), 2: (3, 3, 3, 3)}
 
 
-def _save(path, rgb, size=(24, 20)):
+def _save(path, rgb, size=(24, 20), rng=None, patch=None):
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  img = np.zeros(size[::-1] + (3,), np.uint8) + np.asarray(rgb, np.uint8)
-  Image.fromarray(img).save(path)
+  img = np.zeros(size[::-1] + (3,), np.int16) + np.asarray(rgb, np.int16)
+  if patch is not None:
+    h, w = size[1] // 4, size[0] // 4
+    img[h:3 * h, w:3 * w] = patch
+  if rng is not None:
+    img = img + rng.integers(-40, 41, img.shape)
+  Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
 
 
-def write_waterbirds(root):
-  """metadata.csv + <species>/<file>.jpg; background colour = place, a
-  centre patch colour = species."""
+def write_waterbirds(root, texture_seed=None):
+  """metadata.csv + <species>/<file>.jpg; background colour = place.
+
+  Args:
+    root: directory to write into.
+    texture_seed: None = flat images (one colour per place); an int adds a
+      centre patch coloured by species and per-pixel noise, so that no
+      feature of a small ResNet has near-zero variance over a batch (the
+      golden trajectories need that: BatchNorm divides by sqrt(var + eps)).
+  """
+  rng = None if texture_seed is None else np.random.default_rng(texture_seed)
   rows = ["img_id,img_filename,y,split,place,place_filename"]
   k = 0
   for split, counts in WATERBIRDS_COUNTS.items():
@@ -41,7 +54,9 @@ def write_waterbirds(root):
         k += 1
         name = f"{'water' if y else 'land'}bird/{k:04d}.jpg"
         _save(os.path.join(root, name), (0, 90, 200) if place else
-              (40, 160, 40))
+              (40, 160, 40), rng=rng,
+              patch=None if rng is None else ((220, 200, 60) if y else
+                                              (120, 60, 30)))
         rows.append(f"{k},{name},{y},{split},{place},/x/{k}.jpg")
   with open(os.path.join(root, "metadata.csv"), "w") as f:
     f.write("\n".join(rows) + "\n")
