@@ -55,8 +55,9 @@ def pytest_configure(config):
 
 # The longest files first, so that pytest-xdist's workers (scripts/test.sh
 # runs one per core, whole files each) finish together.
-_LONG_FILES = ("test_sharding.py", "test_deep.py", "test_masks.py",
-               "test_launch.py", "test_shift.py", "test_resume.py")
+_LONG_FILES = ("test_sharding.py", "test_deep.py", "test_goldens_resnet.py",
+               "test_masks.py", "test_goldens_mlp.py", "test_launch.py",
+               "test_shift.py", "test_resume.py")
 
 
 def pytest_collection_modifyitems(config, items):
