@@ -77,15 +77,17 @@ RTOL = 1e-5
 ATOL = 1e-7
 
 
-# IPG cases whose Adam runs with eps 1e-4 instead of 1e-8. IPG's corrective
+# IPG cases whose Adam runs with eps 1e-3 instead of 1e-8. IPG's corrective
 # gradient g_d has elements that cancel to near zero (pair members share
 # most features); Adam's first steps map a gradient element g to
 # lr * g / (|g| + eps), so rounding noise in such an element is amplified by
 # lr / eps = 1e5 (measured: 2e-3 relative parameter differences between
-# XLA -O0 and -O3 after 8 steps at eps 1e-8, 3e-6 at eps 1e-4). The code
+# XLA -O0 and -O3 after 8 steps at eps 1e-8, 2.6e-6 at eps 1e-4, 8e-7 at
+# eps 1e-3 on ColoredMNIST; the shift cases keep 4-6e-6 from IPG's c, a
+# symmetric KL between near-equal predictions). The code
 # path is the same; only the optimizer constant differs.
-IPG_ADAM_EPS = {("colored_mnist", "ipg"): 1e-4, ("shift", "ipg"): 1e-4,
-                ("shift", "ipg_group_dro"): 1e-4}
+IPG_ADAM_EPS = {("colored_mnist", "ipg"): 1e-3, ("shift", "ipg"): 1e-3,
+                ("shift", "ipg_group_dro"): 1e-3}
 
 
 @contextlib.contextmanager
