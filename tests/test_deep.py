@@ -37,10 +37,13 @@ def test_resnet_parameter_count_equals_torchvision(arch, expected):
 @pytest.mark.parametrize("stem,shape", [("imagenet", (3, 64, 32, 3)),
                                         ("cifar", (3, 16, 8, 3))])
 def test_resnet_feature_shapes(stem, shape):
+  # Traced, not run: shapes and pytree structure are all this checks (the
+  # numbers: the float64 reference and converter parity tests).
   enc = resnet.encoder("resnet18", stem=stem)
-  v = enc.init(jax.random.key(0), jnp.zeros(shape))
-  feats, upd = enc.apply(v, jnp.ones(shape), train=True,
-                         mutable=["batch_stats"])
+  v = jax.eval_shape(lambda: enc.init(jax.random.key(0), jnp.zeros(shape)))
+  feats, upd = jax.eval_shape(
+      lambda v: enc.apply(v, jnp.ones(shape), train=True,
+                          mutable=["batch_stats"]), v)
   assert feats.shape == (3, 512)
   assert jax.tree.structure(upd["batch_stats"]) == jax.tree.structure(
       v["batch_stats"])
@@ -349,11 +352,13 @@ def test_epoch_batch_draws_without_replacement():
 
 def test_irmbed_transform_shapes_and_normalisation():
   x = jnp.full((2, 64, 32, 3), 0.5)
-  out = deep.irmbed_transform(x, jax.random.key(0), size=56)
+  # Jitted: one compilation instead of one per operation.
+  transform = jax.jit(deep.irmbed_transform, static_argnames="size")
+  out = transform(x, jax.random.key(0), size=56)
   assert out.shape == (2, 56, 56, 3)
   expected = (0.5 - np.array(deep.IMAGENET_MEAN)) / np.array(deep.IMAGENET_STD)
   np.testing.assert_allclose(out[0, 10, 10], expected, atol=1e-5)
-  np.testing.assert_allclose(deep.irmbed_transform(x, size=56)[1, 3, 3],
+  np.testing.assert_allclose(transform(x, size=56)[1, 3, 3],
                              expected, atol=1e-5)
 
 
@@ -393,7 +398,7 @@ def _tiny_batch(num_envs=2, b=8, seed=0):
 
 
 def _game_term_encoder_grad(model, game, term, batch, env_grad=True):
-  params, stats = model.init(jax.random.key(0), batch.x[0, :1])
+  params, stats = jax.jit(model.init)(jax.random.key(0), batch.x[0, :1])
   gs = game.init(jax.random.key(1), params["head"],
                  model.encoder.num_features, batch.y.shape[0])
 
@@ -407,7 +412,7 @@ def _game_term_encoder_grad(model, game, term, batch, env_grad=True):
         logits=sg(logits), features=sg(feats)), jnp.array(True))
     return term(env_grad=env_grad).value(out._replace(state=g))
 
-  return jax.value_and_grad(f)(params["encoder"])
+  return jax.jit(jax.value_and_grad(f))(params["encoder"])
 
 
 @pytest.mark.parametrize("name", ["invrat_ec_h", "invrat_ec_o", "invrat_eb"])
@@ -430,14 +435,14 @@ def test_invrat_env_grad_option():
   game = deep.invrat_ec("h", lr=0.5, num_inners=20)
   _, g_on = _game_term_encoder_grad(model, game, game.term, batch, True)
   _, g_off = _game_term_encoder_grad(model, game, game.term, batch, False)
-  params, stats = model.init(jax.random.key(0), batch.x[0, :1])
+  params, stats = jax.jit(model.init)(jax.random.key(0), batch.x[0, :1])
 
   def l_shared(enc):  # gap_scale * L_shared only.
     p = dict(params, encoder=enc)
     _, logits, _ = deep._forward(model, p, stats, batch.x, True)  # pylint: disable=protected-access
     return O._pooled_mean(O.Outputs(logits, batch.y, batch.valid))  # pylint: disable=protected-access
 
-  g_shared = jax.grad(l_shared)(params["encoder"])
+  g_shared = jax.jit(jax.grad(l_shared))(params["encoder"])
   flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
   np.testing.assert_allclose(flat(g_off), flat(g_shared), atol=1e-6)
   assert np.abs(flat(g_on) - flat(g_shared)).max() > 1e-6
@@ -530,7 +535,7 @@ def test_every_deep_method_penalty_moves_the_encoder(sources):
         out = out._replace(state=gs)
       return term.value(out)
 
-    g = jax.grad(pen)(params["encoder"])
+    g = jax.jit(jax.grad(pen))(params["encoder"])
     assert sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g)) > 0, method
 
 
