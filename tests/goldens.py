@@ -14,7 +14,8 @@ numbers that a refactor must not move:
 
 The stored values live in ``tests/goldens/<experiment>.json`` together with
 the commit, CPU and XLA optimisation level they were recorded at;
-``tests/test_goldens.py`` recomputes every case and compares.
+``tests/test_goldens_mlp.py`` and ``tests/test_goldens_resnet.py`` recompute
+every case and compare (:func:`assert_matches`).
 
 Record (only when an intended change is made; say why in the commit):
 
@@ -51,7 +52,7 @@ STEPS = 8          # every case trains at most 10 steps
 EVAL_EVERY = 4
 
 # One entry per experiment: its methods. Every method the experiment runs is
-# here (tests/test_goldens.py checks the lists against the experiments).
+# here (tests/test_goldens_mlp.py checks the lists against the experiments).
 EXPERIMENTS = {
     "colored_mnist": ("erm", "oracle", "irmv1", "vrex", "mm_rex", "rvp",
                       "irm_tv_l1", "bayesian_irm", "irm_game_f", "irm_game_v",
@@ -104,21 +105,22 @@ def _adam_eps(eps):
 
 # ----------------------------------------------------------------- capture
 @contextlib.contextmanager
-def _capture():
-  """Collects every FitResult an experiment turns into records."""
-  from experiments import common  # pylint: disable=g-import-not-at-top
+def _spy(owner, name, result_of):
+  """Replaces ``owner.name`` by a wrapper that appends
+  ``result_of(args, return value)`` to the yielded list."""
   seen = []
-  orig = common.records_from_fit
+  orig = getattr(owner, name)
 
-  def spy(res, *args, **kwargs):
-    seen.append(res)
-    return orig(res, *args, **kwargs)
+  def spy(*args, **kwargs):
+    out = orig(*args, **kwargs)
+    seen.append(result_of(args, out))
+    return out
 
-  common.records_from_fit = spy
+  setattr(owner, name, spy)
   try:
     yield seen
   finally:
-    common.records_from_fit = orig
+    setattr(owner, name, orig)
 
 
 def summarize(res) -> dict:
@@ -167,28 +169,23 @@ def _shift_root():
 
 
 # ------------------------------------------------------------------ cases
-def _overrides(c, **kv):
-  for k, v in kv.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
-
-
 def run_case(experiment: str, method: str) -> dict:
   """Runs one golden case through the experiment's restart function."""
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  from experiments import irm_tv  # pylint: disable=g-import-not-at-top
   eps = IPG_ADAM_EPS.get((experiment, method))
-  with _capture() as seen, tempfile.TemporaryDirectory() as tmp, \
-      _adam_eps(eps):
+  shrink = [f"steps={STEPS}", f"eval_every={EVAL_EVERY}"]
+  # Every FitResult an experiment turns into records; irm_tv.run_restart
+  # builds its records itself, so its fit's result.
+  with _spy(common, "records_from_fit", lambda args, _: args[0]) as seen, \
+      _spy(irm_tv.irm_tv, "fit", lambda _, res: res) as tv_seen, \
+      tempfile.TemporaryDirectory() as tmp, _adam_eps(eps):
     ckpt = os.path.join(tmp, "ckpt")
     if experiment == "colored_mnist":
       from experiments import colored_mnist  # pylint: disable=g-import-not-at-top
       from experiments.configs import colored_mnist as cfgs  # pylint: disable=g-import-not-at-top
       c = cfgs.get_config(method, "quick")
-      _overrides(c, steps=STEPS, eval_every=EVAL_EVERY,
-                 anneal=min(c.anneal, 4))
+      common.apply_overrides(c, shrink + [f"anneal={min(c.anneal, 4)}"])
       if "game" in c:
         c.game.warm_start = 4
       colored_mnist.run_restart(c, 0, mnist=_mnist(), checkpoint_dir=ckpt)
@@ -200,30 +197,25 @@ def run_case(experiment: str, method: str) -> dict:
         _DATA["cifar"] = jirm.data.synthetic_cifar_mnist_sources(300)
       c = cfgs.get_config(method, "quick", "tiny", 2)
       # 90 images per env, batch 16: 5 steps per epoch; penalty from step 5.
-      _overrides(c, epochs=2, eval_every=EVAL_EVERY, **{
-          "data.train_num": 200, "data.test_num": 200})
+      common.apply_overrides(c, ["epochs=2", f"eval_every={EVAL_EVERY}",
+                                 "data.train_num=200", "data.test_num=200"])
       cifar_mnist.run_restart(c, 0, ckpt, sources=_DATA["cifar"])
     elif experiment == "irm_tv":
-      from experiments import irm_tv  # pylint: disable=g-import-not-at-top
       from experiments.configs import irm_tv as cfgs  # pylint: disable=g-import-not-at-top
       c = cfgs.get_config(method, "quick")
-      _overrides(c, steps=STEPS, eval_every=EVAL_EVERY, anneal=4)
-      with _capture_irm_tv() as tv:
-        irm_tv.run_restart(c, 0)
-      seen.extend(tv)
+      irm_tv.run_restart(common.apply_overrides(c, shrink + ["anneal=4"]), 0)
     elif experiment == "sparse_irm":
       from experiments import sparse_irm  # pylint: disable=g-import-not-at-top
       from experiments.configs import sparse_irm as cfgs  # pylint: disable=g-import-not-at-top
       c = cfgs.get_config(method, "quick", hidden_dim=32)
-      _overrides(c, steps=STEPS, eval_every=EVAL_EVERY, anneal=4)
+      common.apply_overrides(c, shrink + ["anneal=4"])
       c.mrm.update(dict(dense_steps=3, mask_steps=3, retrain_steps=4))
       sparse_irm.run_restart(c, 0, mnist=_mnist(), checkpoint_dir=ckpt)
     elif experiment == "shift":
       from experiments import shift  # pylint: disable=g-import-not-at-top
       from experiments.configs import shift as cfgs  # pylint: disable=g-import-not-at-top
       c = cfgs.get_config(method, "quick", "waterbirds")
-      _overrides(c, steps=STEPS, eval_every=EVAL_EVERY, anneal=4,
-                 batch_size=8)
+      common.apply_overrides(c, shrink + ["anneal=4", "batch_size=8"])
       shift.run_restart(c, 0, ckpt, data_dir=_shift_root())
     elif experiment == "sweep":
       from experiments import sweep  # pylint: disable=g-import-not-at-top
@@ -231,36 +223,17 @@ def run_case(experiment: str, method: str) -> dict:
       trials = sweep.make_trials(
           "colored_mnist", [method], "quick", "grid",
           grid=["penalty_weight=10,1000"], restarts=1,
-          overrides=[f"steps={STEPS}", f"eval_every={EVAL_EVERY}",
-                     "anneal=4"])
+          overrides=shrink + ["anneal=4"])
       sweep.run_vmap(work, trials, mnist=_mnist(), progress=False)
     else:
       raise ValueError(f"unknown experiment {experiment!r}")
+  seen = seen + tv_seen
   if not seen:
     raise RuntimeError(f"{experiment}/{method}: no fit was recorded")
   out = {"runs": [summarize(r) for r in seen]}
   if eps is not None:
     out["adam_eps"] = eps
   return out
-
-
-@contextlib.contextmanager
-def _capture_irm_tv():
-  """irm_tv.run_restart builds its records itself: spy on its fit."""
-  from experiments import irm_tv as exp  # pylint: disable=g-import-not-at-top
-  seen = []
-  orig = exp.irm_tv.fit
-
-  def spy(*args, **kwargs):
-    res = orig(*args, **kwargs)
-    seen.append(res)
-    return res
-
-  exp.irm_tv.fit = spy
-  try:
-    yield seen
-  finally:
-    exp.irm_tv.fit = orig
 
 
 # -------------------------------------------------------------- comparing
@@ -307,6 +280,16 @@ def compare(experiment: str, golden: dict, got: dict) -> list[str]:
       bad.append(f"run {i} selections {n['selections']} != golden "
                  f"{g['selections']}")
   return bad
+
+
+def assert_matches(experiment: str, method: str) -> None:
+  """Reruns one case and asserts it matches its golden (the tests)."""
+  golden = load(experiment)["cases"][method]
+  for run in golden["runs"]:  # A golden of a diverged run would hold nothing.
+    for k, v in run["history"].items():
+      assert np.all(np.isfinite(v)), (experiment, method, k)
+  bad = compare(experiment, golden, run_case(experiment, method))
+  assert not bad, f"{experiment}/{method}: " + "; ".join(bad[:5])
 
 
 def max_rel_diff(golden: dict, got: dict) -> float:

@@ -511,8 +511,8 @@ def test_every_deep_method_penalty_moves_the_encoder(sources):
     config = configs.get_config(method, "quick")
     config.data.train_num, config.data.test_num = 200, 50
     splits, model, _, _, _ = cifar_mnist.build_run(config, 0, sources=sources)
-    # Encoder gradient of the penalty term alone, at the trained state, with
-    # a strong inner loop so InvRat's env predictors beat the shared head.
+    # Encoder gradient of the penalty term alone, at the initial parameters
+    # (a strong inner loop for the games).
     obj, game = deep.build_method(method, schedule=1.0, inner_lr=0.5,
                                   num_inners=20, embed_dim=config.embed_dim,
                                   eb_hidden=config.eb_hidden)

@@ -5,7 +5,6 @@ most 10 steps, against tests/goldens/ (see goldens.py)."""
 import pytest
 
 import goldens
-from test_goldens_mlp import check_case
 
 CASES = [(e, m) for e in ("cifar_mnist", "shift")
          for m in goldens.EXPERIMENTS[e]]
@@ -13,4 +12,4 @@ CASES = [(e, m) for e in ("cifar_mnist", "shift")
 
 @pytest.mark.parametrize("experiment,method", CASES)
 def test_golden(experiment, method):
-  check_case(experiment, method)
+  goldens.assert_matches(experiment, method)
