@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
@@ -42,7 +41,7 @@ import optax
 from jirm import data as data_lib
 from jirm import objectives
 from jirm import resnet
-from jirm import train as train_lib
+from jirm.methods import base
 
 HEAD_UPDATES = ("total", "erm", "frozen", "inner")
 
@@ -223,8 +222,8 @@ def invrat_ec(level: str = "h", *, lr: float = 0.01, momentum: float = 0.9,
 
   def inner(state, head_params, out, reset):
     p0 = fresh(head_params, out.logits.shape[0])
-    p = train_lib.tree_where(reset, p0, state.env_params)
-    s = train_lib.tree_where(reset, opt.init(p0), state.opt_state)
+    p = base.tree_where(reset, p0, state.env_params)
+    s = base.tree_where(reset, opt.init(p0), state.opt_state)
     loss = lambda ep: _pooled_bce(out, env_logits(ep, out, out.features,
                                                    out.logits))
     p, s = _fit_inner(opt, p, s, loss, num_inners)
@@ -609,9 +608,9 @@ def make_step(model: DeepModel, objective: objectives.Objective,
                   params["head"])
     return total, (aux, new_bs, game_state, head_params, erm_head_grads)
 
-  def step_fn(state: DeepState, data: train_lib.EnvArrays):
+  def step_fn(state: DeepState, data: base.EnvArrays):
     k_obj = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
-    batch = train_lib.epoch_batch(data, state.rng, state.step, batch_size)
+    batch = base.epoch_batch(data, state.rng, state.step, batch_size)
     if transform == "irmbed":
       e, b = batch.y.shape
       x = irmbed_transform(batch.x.reshape((e * b,) + batch.x.shape[2:]),
@@ -621,7 +620,7 @@ def make_step(model: DeepModel, objective: objectives.Objective,
         loss_fn, has_aux=True)(state.params, state, batch, k_obj)
     after = state.step >= anneal_step
     if head_update == "erm":
-      grads["head"] = train_lib.tree_where(after, erm_hg, grads["head"])
+      grads["head"] = base.tree_where(after, erm_hg, grads["head"])
     elif head_update in ("frozen", "inner"):
       keep = jnp.logical_not(after) if head_update == "frozen" else False
       grads["head"] = jax.tree.map(lambda g: g * keep, grads["head"])
@@ -638,37 +637,70 @@ def make_step(model: DeepModel, objective: objectives.Objective,
   return step_fn
 
 
-def make_eval_fn(model: DeepModel, task: str = "binary", chunk: int = 500,
-                 transform: str = "none"):
-  """``eval(params, batch_stats, data) -> acc_E`` in eval mode, in chunks."""
+def deep_method(model: DeepModel, objective: objectives.Objective,
+                optimizer: optax.GradientTransformation, *,
+                batch_size: Optional[int], task: str = "binary",
+                game: Optional[Game] = None, anneal_step: int = 0,
+                head_update: str = "total", transform: str = "none",
+                init_params=None,
+                step_factory: Optional[Callable] = None) -> base.Method:
+  """A deep model's objective (and optional :class:`Game`) as a
+  :class:`jirm.methods.Method`; run it with :func:`jirm.fit`.
 
-  def eval_fn(params, batch_stats, data: train_lib.EnvArrays):
-    e, n = data.y.shape
-    pad = (-n) % chunk
-    padded = jax.tree.map(
-        lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)),
-        data)
-    x_KCX = padded.x.reshape((e, -1, chunk) + data.x.shape[2:]).swapaxes(0, 1)
+  Args:
+    model: a :class:`DeepModel`.
+    objective: the objective (``erm + schedule * penalty``).
+    optimizer: optax transformation over ``{'encoder', 'head'}``.
+    batch_size: samples per environment per step (an epoch permutation per
+      environment).
+    task: loss type.
+    game, anneal_step, head_update, transform: see :func:`make_step`.
+    init_params: optional ``(params, batch_stats)`` to start from (e.g. a
+      converted torchvision checkpoint, :mod:`jirm.convert`); the head is
+      re-initialised.
+    step_factory: builds the update with :func:`make_step`'s signature
+      (default :func:`make_step`; e.g. :func:`jirm.ipg.deep_step_factory`).
 
-    def one(x_ECX):
-      if transform == "irmbed":
-        x = irmbed_transform(x_ECX.reshape((-1,) + x_ECX.shape[2:]))
-        x_ECX = x.reshape(x_ECX.shape[:2] + x.shape[1:])
-      return _forward(model, params, batch_stats, x_ECX, train=False)[1]
+  Returns:
+    A method whose state is a :class:`DeepState`; ``export`` gives
+    ``(params, batch_stats)`` and ``predict`` uses the running BatchNorm
+    statistics.
 
-    logits = jax.lax.map(one, x_KCX).swapaxes(0, 1).reshape(e, n + pad, -1)
-    return objectives.accuracy(logits, padded.y, padded.valid, task)
+  Example:
+    >>> game = invrat_ec(level='h')
+    >>> method = deep_method(deep_model('resnet18'), erm + sched * game.term,
+    ...                      optax.adam(1e-3), batch_size=64, game=game,
+    ...                      anneal_step=140, head_update='frozen')
+    >>> result = jirm.fit(splits, method, steps=700, eval_chunk=500)
+  """
+  if batch_size is None or batch_size < 1:
+    raise ValueError(f"batch_size={batch_size!r}: deep models train on "
+                     f"minibatches; pass a positive batch size per env.")
+  update = (step_factory or make_step)(
+      model, objective, optimizer, batch_size=batch_size, task=task,
+      game=game, anneal_step=anneal_step, head_update=head_update,
+      transform=transform)
 
-  return eval_fn
+  def init(rng, data: base.EnvArrays) -> DeepState:
+    k_init, k_game, k_train = jax.random.split(rng, 3)
+    params, batch_stats = model.init(k_init, data.x[0, :1])
+    if init_params is not None:
+      params = dict(params, encoder=init_params[0]["encoder"])
+      batch_stats = init_params[1]
+    game_state = () if game is None else game.init(
+        k_game, params["head"], model.encoder.num_features, data.y.shape[0])
+    return DeepState(jnp.zeros((), jnp.int32), params, batch_stats,
+                     optimizer.init(params), game_state, k_train)
 
+  def predict(state: DeepState, x_NX):
+    if transform == "irmbed":
+      x_NX = irmbed_transform(x_NX)
+    feats, _ = model.features(state.params, state.batch_stats, x_NX,
+                              train=False)
+    return model.head_fn(state.params["head"], feats)
 
-def _subset(envs: data_lib.Envs, max_per_env: Optional[int]):
-  if max_per_env is None or envs.x.shape[1] <= max_per_env:
-    return envs
-  return data_lib.Envs(envs.x[:, :max_per_env], envs.y[:, :max_per_env],
-                       envs.agree[:, :max_per_env],
-                       envs.valid[:, :max_per_env], envs.names,
-                       envs.spurious)
+  return base.Method(init, update, predict,
+                     export=lambda state: (state.params, state.batch_stats))
 
 
 def fit(splits: data_lib.EnvSplits, *, model: DeepModel,
@@ -680,65 +712,25 @@ def fit(splits: data_lib.EnvSplits, *, model: DeepModel,
         progress: bool = False, desc: str = "",
         checkpoint_dir: Optional[str] = None,
         checkpoint_every: int = 200,
-        step_factory: Callable = None) -> train_lib.FitResult:
-  """Trains a deep model on ``splits.train``; like :func:`jirm.train.fit`.
+        step_factory: Callable = None):
+  """Kept for existing callers: :func:`jirm.fit` of :func:`deep_method`.
 
-  Args:
-    splits: environments with images ``[E, N, H, W, C]``.
-    model: a :class:`DeepModel`.
-    objective, optimizer, steps, seed, progress, desc, checkpoint_dir,
-      checkpoint_every: as :func:`jirm.train.fit`.
-    batch_size: samples per environment per step.
-    game, anneal_step, head_update, transform: see :func:`make_step`.
-    init_params: optional ``(params, batch_stats)`` to start from (e.g. a
-      converted torchvision checkpoint, :mod:`jirm.convert`); the head is
-      re-initialised unless it matches.
-    eval_every: evaluate every env this often (eval-mode BatchNorm).
-    eval_train_max: evaluate training envs on their first this many samples
-      (None: all).
-    step_factory: builds the step with :func:`make_step`'s signature
-      (default :func:`make_step`; e.g. :func:`jirm.ipg.deep_step_factory`).
-
-  Returns:
-    :class:`jirm.train.FitResult` (``params`` holds ``(params,
-    batch_stats)``).
+  Equivalent to ``jirm.fit(splits, deep_method(model, objective, optimizer,
+  batch_size=..., task=splits.task, game=..., ...), steps=..., seed=...,
+  eval_every=..., eval_chunk=500 (100 with transform='irmbed'),
+  eval_train_max=...)``; ``params`` of the result is ``(params,
+  batch_stats)``.
   """
-  if steps < 1 or eval_every < 1:
-    raise ValueError(f"steps={steps!r} and eval_every={eval_every!r} must be "
-                     f">= 1.")
+  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
   if batch_size > min(splits.train.sizes):
     raise ValueError(f"batch_size={batch_size} exceeds the smallest training "
                      f"env ({min(splits.train.sizes)} samples); lower it.")
-  t0 = time.time()
-  train = train_lib.EnvArrays.from_envs(splits.train)
-  evals = {"train": train_lib.EnvArrays.from_envs(
-      _subset(splits.train, eval_train_max)),
-           "test": train_lib.EnvArrays.from_envs(splits.test)}
-  if splits.val is not None:
-    evals["val"] = train_lib.EnvArrays.from_envs(splits.val)
-  k_init, k_game, k_train = jax.random.split(jax.random.key(seed), 3)
-  params, batch_stats = model.init(k_init, train.x[0, :1])
-  if init_params is not None:
-    params = dict(params, encoder=init_params[0]["encoder"])
-    batch_stats = init_params[1]
-  feat_dim = model.encoder.num_features
-  game_state = () if game is None else game.init(
-      k_game, params["head"], feat_dim, splits.train.num_envs)
-  state = DeepState(jnp.zeros((), jnp.int32), params, batch_stats,
-                    optimizer.init(params), game_state, k_train)
-  step_fn = jax.jit((step_factory or make_step)(
-      model, objective, optimizer, batch_size=batch_size, task=splits.task,
-      game=game, anneal_step=anneal_step, head_update=head_update,
-      transform=transform), donate_argnums=0)
-  eval_fn = jax.jit(make_eval_fn(model, splits.task,
-                                 chunk=100 if transform == "irmbed" else 500,
-                                 transform=transform))
-
-  state, history, env_names = train_lib.train_and_evaluate(
-      state, step_fn, splits,
-      lambda st, d: eval_fn(st.params, st.batch_stats, d), evals, train,
-      steps=steps, eval_every=eval_every, progress=progress, desc=desc,
+  method = deep_method(model, objective, optimizer, batch_size=batch_size,
+                       task=splits.task, game=game, anneal_step=anneal_step,
+                       head_update=head_update, transform=transform,
+                       init_params=init_params, step_factory=step_factory)
+  return train_lib.fit(
+      splits, method, steps=steps, seed=seed, eval_every=eval_every,
+      eval_chunk=100 if transform == "irmbed" else 500,
+      eval_train_max=eval_train_max, progress=progress, desc=desc,
       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
-  return train_lib.FitResult((state.params, state.batch_stats), history,
-                             train_lib.select(history, env_names), env_names,
-                             time.time() - t0)

@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import time
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -38,7 +37,8 @@ import optax
 
 from jirm import data as data_lib
 from jirm import objectives
-from jirm import train as train_lib
+from jirm.methods import base
+from jirm.methods import objective as objective_lib
 
 
 # ----------------------------------------------------------------------------
@@ -238,17 +238,7 @@ PAIR_SOURCES = {"colored_mnist": colored_mnist_pairs,
 # The method.
 
 
-class IPG(NamedTuple):
-  """``init(key, x_1X) -> TrainState``; ``update(state, data) -> (state,
-  aux)`` with ``data`` a :class:`jirm.train.EnvArrays`."""
-
-  init: Callable
-  update: Callable
-
-
-def _as_objective(objective):
-  return objective * 1.0 if isinstance(objective, objectives.Term) else (
-      objective)
+_as_objective = objective_lib._as_objective  # pylint: disable=protected-access
 
 
 def _pair_sampler(pairs: Pairs, pair_batch: int):
@@ -316,8 +306,8 @@ def ipg(*, model, objective: objectives.Objective,
         optimizer: optax.GradientTransformation, pairs: Pairs,
         head_kernel: Callable = mlp_head_kernel, threshold: float = 2e-6,
         alpha: float = 1.0, pair_batch: int = 300, task: str = "binary",
-        batch_size: Optional[int] = None) -> IPG:
-  """Builds IPG's two-step update as a pure ``(init, update)`` pair.
+        batch_size: Optional[int] = None) -> base.Method:
+  """IPG's two-step update as a :class:`jirm.methods.Method`.
 
   Args:
     model: a Flax module whose ``apply(params, x, return_features=True)``
@@ -335,7 +325,14 @@ def ipg(*, model, objective: objectives.Objective,
     batch_size: samples per env for L; None = full batch.
 
   Returns:
-    An :class:`IPG`.
+    A method whose state is a :class:`jirm.methods.TrainState`; run it with
+    :func:`jirm.fit` (the history then also holds ``ipg_d`` (d(I)),
+    ``ipg_c`` (c(I)) and ``ipg_gated`` at every evaluation).
+
+  Example:
+    >>> method = ipg(model=jirm.models.mlp(390), objective=jirm.erm,
+    ...              optimizer=optax.adam(1e-3), pairs=pairs, alpha=0.2)
+    >>> result = jirm.fit(splits, method, steps=501)
   """
   pairs.check()
   objective = _as_objective(objective)
@@ -354,19 +351,19 @@ def ipg(*, model, objective: objectives.Objective,
                          return_features=True)
     return jnp.split(f, 2), jnp.split(logits, 2)
 
-  loss_fn = train_lib.make_loss_fn(apply_fn, objective, task)
+  loss_fn = objective_lib.make_loss_fn(apply_fn, objective, task)
 
-  def init(key, x_1X):
+  def init(key, data: base.EnvArrays):
     k_init, k_run = jax.random.split(key)
-    params = model.init(k_init, x_1X)
-    return train_lib.TrainState(jnp.zeros((), jnp.int32), params,
+    params = model.init(k_init, data.x[0, :1])
+    return base.TrainState(jnp.zeros((), jnp.int32), params,
                                 optimizer.init(params), k_run)
 
-  def update(state: train_lib.TrainState, data: train_lib.EnvArrays):
+  def update(state: base.TrainState, data: base.EnvArrays):
     k_pair, k_batch, k_obj = jax.random.split(
         jax.random.fold_in(state.rng, state.step), 3)
     x1, x2 = sample_pairs(k_pair)
-    batch = data if batch_size is None else train_lib._sample_batch(  # pylint: disable=protected-access
+    batch = data if batch_size is None else base.sample_batch(
         data, k_batch, batch_size)
     params, opt_state, aux, ipg_aux = two_step(
         optimizer, state.params, state.opt_state,
@@ -376,10 +373,13 @@ def ipg(*, model, objective: objectives.Objective,
             p, batch, k_obj, state.step),
         pair_logits=lambda p: features_logits(p, x1, x2)[1],
         threshold=threshold, alpha=alpha, task=task)
-    return train_lib.TrainState(state.step + 1, params, opt_state,
-                                state.rng), dict(aux, **ipg_aux)
+    return base.TrainState(state.step + 1, params, opt_state,
+                           state.rng), dict(aux, **ipg_aux)
 
-  return IPG(init, update)
+  def predict(state: base.TrainState, x_NX):
+    return apply_fn(state.params, x_NX)
+
+  return base.Method(init, update, predict)
 
 
 def fit(splits: data_lib.EnvSplits, *, model, pairs: Pairs,
@@ -390,28 +390,22 @@ def fit(splits: data_lib.EnvSplits, *, model, pairs: Pairs,
         batch_size: Optional[int] = None, eval_every: int = 10,
         progress: bool = False, desc: str = "",
         checkpoint_dir: Optional[str] = None,
-        checkpoint_every: int = 100) -> train_lib.FitResult:
-  """Trains ``model`` with IPG; same evaluation, selection rules, history
-  format and orbax resume as :func:`jirm.train.fit`. The history also holds
-  ``ipg_d`` (d(I)), ``ipg_c`` (c(I)) and ``ipg_gated`` at every evaluation.
-  """
-  t0 = time.time()
-  train = train_lib.EnvArrays.from_envs(splits.train)
+        checkpoint_every: int = 100):
+  """Kept for existing callers: ``jirm.fit(splits, ipg(model=..., ...,
+  task=splits.task), steps=..., seed=..., eval_every=...)``."""
+  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
+  if batch_size is not None and batch_size > min(splits.train.sizes):
+    raise ValueError(f"batch_size={batch_size} exceeds the smallest training "
+                     f"env ({min(splits.train.sizes)} samples); lower it or "
+                     f"use batch_size=None (full batch).")
   method = ipg(model=model, objective=objective, optimizer=optimizer,
                pairs=pairs, head_kernel=head_kernel, threshold=threshold,
                alpha=alpha, pair_batch=pair_batch, task=splits.task,
                batch_size=batch_size)
-  state = method.init(jax.random.key(seed), train.x[0, :1])
-  step_fn = jax.jit(method.update, donate_argnums=0)
-  eval_fn = jax.jit(train_lib.make_eval_fn(model.apply, splits.task))
-  state, history, env_names = train_lib.train_and_evaluate(
-      state, step_fn, splits, lambda st, d: eval_fn(st.params, d)[0],
-      train=train, steps=steps, eval_every=eval_every, progress=progress,
-      desc=desc, checkpoint_dir=checkpoint_dir,
-      checkpoint_every=checkpoint_every)
-  return train_lib.FitResult(state.params, history,
-                             train_lib.select(history, env_names), env_names,
-                             time.time() - t0)
+  return train_lib.fit(splits, method, steps=steps, seed=seed,
+                       eval_every=eval_every, progress=progress, desc=desc,
+                       checkpoint_dir=checkpoint_dir,
+                       checkpoint_every=checkpoint_every)
 
 
 def deep_head_kernel(params):
@@ -472,11 +466,11 @@ def deep_step_factory(pairs: Pairs, *, threshold: float = 2e-6,
                                              task).mean()
       return total, (aux, new_bs, game_state)
 
-    def step_fn(state, data: train_lib.EnvArrays):
+    def step_fn(state, data: base.EnvArrays):
       k = jax.random.fold_in(state.rng, state.step)
       k_pair, k_obj = jax.random.split(jax.random.fold_in(k, 3))
       x1, x2 = sample_pairs(k_pair)
-      batch = train_lib.epoch_batch(data, state.rng, state.step, batch_size)
+      batch = base.epoch_batch(data, state.rng, state.step, batch_size)
       bs = state.batch_stats
       params, opt_state, (aux, new_bs, game_state), ipg_aux = two_step(
           optimizer, state.params, state.opt_state,

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import time
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -35,7 +34,7 @@ import optax
 from jirm import data as data_lib
 from jirm import models
 from jirm import objectives
-from jirm import train as train_lib
+from jirm.methods import base
 
 VARIANTS = ("f", "v")
 
@@ -51,19 +50,10 @@ class GameState(NamedTuple):
   rng: jax.Array
 
 
-class IRMGame(NamedTuple):
-  """``init(rng, x_1X, num_envs) -> GameState``, ``step(state, data)``,
-  ``predict(players, rep, x_NX) -> logits_NC``."""
-
-  init: Any
-  step: Any
-  predict: Any
-
-
 def irm_game(*, variant: str = "f", hidden_dim: int = 390, depth: int = 2,
              lr: float = 2.5e-4, rep_lr_scale: float = 0.1,
              batch_size: Optional[int] = 256, task: str = "binary",
-             out: int = 1) -> IRMGame:
+             out: int = 1) -> base.Method:
   """Builds the game (see the module docstring).
 
   Args:
@@ -78,7 +68,14 @@ def irm_game(*, variant: str = "f", hidden_dim: int = 390, depth: int = 2,
     out: output width.
 
   Returns:
-    An :class:`IRMGame`.
+    A :class:`jirm.methods.Method` over a :class:`GameState`; ``predict``
+    is the ensemble (mean of the players' logits), ``export`` gives
+    ``(players, rep)``.
+
+  Example:
+    >>> game = irm_game(variant='v')
+    >>> result = jirm.fit(jirm.data.colored_mnist(0), game, steps=3000,
+    ...                   eval_every=50)
   """
   if variant not in VARIANTS:
     raise ValueError(f"variant={variant!r}: use 'f' (F-IRM) or 'v' (V-IRM).")
@@ -94,11 +91,12 @@ def irm_game(*, variant: str = "f", hidden_dim: int = 390, depth: int = 2,
       return x.reshape((x.shape[0], -1)).astype(jnp.float32)
     return jax.nn.relu(rep.apply(rep_params, x))
 
-  def predict(players, rep_params, x_NX):
+  def ensemble(players, rep_params, x_NX):
     h = features(rep_params, x_NX)
     return jax.vmap(lambda p: player.apply(p, h))(players).mean(0)
 
-  def init(rng, x_1X, num_envs):
+  def init(rng, data: base.EnvArrays):
+    x_1X, num_envs = data.x[0, :1], data.y.shape[0]
     k_p, k_r, k_s = jax.random.split(rng, 3)
     rep_params = None if rep is None else rep.init(k_r, x_1X)
     h = features(rep_params, x_1X)
@@ -108,12 +106,12 @@ def irm_game(*, variant: str = "f", hidden_dim: int = 390, depth: int = 2,
                      jax.vmap(opt_p.init)(players),
                      None if rep is None else opt_r.init(rep_params), k_s)
 
-  def step(state: GameState, data: train_lib.EnvArrays):
+  def update(state: GameState, data: base.EnvArrays):
     num_envs = data.y.shape[0]
     num_players = num_envs + (rep is not None)
     mover = state.step % num_players
     key = jax.random.fold_in(state.rng, state.step)
-    batch = data if batch_size is None else train_lib._sample_batch(  # pylint: disable=protected-access
+    batch = data if batch_size is None else base.sample_batch(
         data, key, batch_size)
     env = jnp.minimum(mover, num_envs - 1)
     pick = lambda a: jax.lax.dynamic_index_in_dim(a, env, 0, keepdims=True)
@@ -121,8 +119,8 @@ def irm_game(*, variant: str = "f", hidden_dim: int = 390, depth: int = 2,
 
     def loss(players, rep_params, b):
       e, n = b.y.shape
-      logits = predict(players, rep_params, b.x.reshape((e * n,) +
-                                                        b.x.shape[2:]))
+      logits = ensemble(players, rep_params, b.x.reshape((e * n,) +
+                                                         b.x.shape[2:]))
       out_ = objectives.Outputs(logits.reshape(e, n, -1), b.y, b.valid,
                                 task=task)
       return objectives._pooled_mean(out_)  # pylint: disable=protected-access
@@ -153,14 +151,18 @@ def irm_game(*, variant: str = "f", hidden_dim: int = 390, depth: int = 2,
     return GameState(state.step + 1, players, rep_params, opt_players,
                      opt_rep, state.rng), aux
 
-  return IRMGame(init, step, predict)
+  def predict(state: GameState, x_NX):
+    return ensemble(state.players, state.rep, x_NX)
+
+  return base.Method(init, update, predict,
+                     export=lambda state: (state.players, state.rep))
 
 
 def fit(splits: data_lib.EnvSplits, *, variant: str = "f", steps: int = 3000,
         seed: int = 0, warm_start: int = 1000, threshold: float = 0.6,
         eval_every: int = 50, progress: bool = False, desc: str = "",
         checkpoint_dir: Optional[str] = None, checkpoint_every: int = 500,
-        **game_kwargs) -> train_lib.FitResult:
+        **game_kwargs):
   """Plays the game on ``splits`` and evaluates the ensemble.
 
   Args:
@@ -178,25 +180,15 @@ def fit(splits: data_lib.EnvSplits, *, variant: str = "f", steps: int = 3000,
     :class:`jirm.train.FitResult`; selections include ``game_stop`` (the
     termination point, or the last step if the rule never fired).
   """
-  t0 = time.time()
-  game = irm_game(variant=variant, task=splits.task, **game_kwargs)
-  train = train_lib.EnvArrays.from_envs(splits.train)
-  state = game.init(jax.random.key(seed), train.x[0, :1],
-                    splits.train.num_envs)
-  step_fn = jax.jit(game.step, donate_argnums=0)
-
-  @jax.jit
-  def eval_fn(players, rep, d):
-    e, n = d.y.shape
-    logits = game.predict(players, rep, d.x.reshape((e * n,) + d.x.shape[2:]))
-    return objectives.accuracy(logits.reshape(e, n, -1), d.y, d.valid,
-                               splits.task)
-
-  state, history, env_names = train_lib.train_and_evaluate(
-      state, step_fn, splits, lambda st, d: eval_fn(st.players, st.rep, d),
-      train=train, steps=steps, eval_every=eval_every, progress=progress, desc=desc,
-      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
-  selections = train_lib.select(history, env_names)
+  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
+  res = train_lib.fit(splits, irm_game(variant=variant, task=splits.task,
+                                       **game_kwargs),
+                      steps=steps, seed=seed, eval_every=eval_every,
+                      progress=progress, desc=desc,
+                      checkpoint_dir=checkpoint_dir,
+                      checkpoint_every=checkpoint_every)
+  history, env_names = res.history, res.env_names
+  selections = res.selections
   train_acc = history["train_acc_E"].mean(1)
   fired = np.flatnonzero((history["step"] >= warm_start) &
                          (train_acc < threshold))
@@ -204,5 +196,5 @@ def fit(splits: data_lib.EnvSplits, *, variant: str = "f", steps: int = 3000,
   only = {k: v[stop:stop + 1] for k, v in history.items()}
   selections["game_stop"] = dict(
       train_lib.select(only, env_names)["last"], fired=bool(len(fired)))
-  return train_lib.FitResult((state.players, state.rep), history, selections,
-                             env_names, time.time() - t0)
+  res.selections = selections
+  return res

@@ -35,8 +35,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
@@ -49,7 +47,7 @@ from jax.flatten_util import ravel_pytree
 from jirm import data as data_lib
 from jirm import objectives
 from jirm import schedules
-from jirm import train as train_lib
+from jirm.methods import base as method_base
 
 _xavier = dict(kernel_init=nn.initializers.xavier_uniform(),
                bias_init=nn.initializers.zeros)
@@ -143,12 +141,16 @@ class TVState(NamedTuple):
 
 
 class TVMethod(NamedTuple):
-  """``init(key, batch) -> TVState``; ``update(state, batch) -> (state,
+  """A :class:`jirm.methods.Method` with IRM-TV's extras.
+
+  ``init(key, batch) -> TVState``; ``update(state, batch) -> (state,
   aux)``; ``loss(params, lam_params, w_KM, batch, step) -> (total, aux)``
   (the classifier's objective on environment weights ``w_KM``);
   ``weights(state, batch) -> [K, M]`` (soft) environments;
   ``predict(state, x) -> logits``; ``lam(state) -> lambda`` (the learned
-  weight, or the fixed one)."""
+  weight, or the fixed one); ``prepare`` = :func:`pool` (the training
+  environments pooled, with the standardised auxiliary variable);
+  ``export(state)`` = the classifier's parameters."""
 
   init: Callable
   update: Callable
@@ -158,6 +160,8 @@ class TVMethod(NamedTuple):
   lam: Callable
   needs_aux: bool
   describe: str
+  prepare: Callable
+  export: Callable
 
 
 def _normalised_ascent(params, grads, lr, k):
@@ -299,12 +303,12 @@ def tv_method(*, penalty: Optional[str] = "l1", envs: str = "given",
         upd, new_opt = infer_opt.update(jax.tree.map(jnp.negative, g_inf),
                                         state.infer_opt_state)
         new_inf = optax.apply_updates(state.infer_params, upd)
-        infer_opt_state = train_lib.tree_where(active, new_opt,
+        infer_opt_state = method_base.tree_where(active, new_opt,
                                                state.infer_opt_state)
       else:
         new_inf = _normalised_ascent(state.infer_params, g_inf, infer_lr,
                                      (step + 1).astype(jnp.float32))
-      infer_params = train_lib.tree_where(active, new_inf, state.infer_params)
+      infer_params = method_base.tree_where(active, new_inf, state.infer_params)
       rho = w_KM[0]
       env0 = batch.envs[0]
       aux["rho_gap"] = jnp.abs((rho * env0).sum() / env0.sum() -
@@ -315,7 +319,7 @@ def tv_method(*, penalty: Optional[str] = "l1", envs: str = "given",
     if learned_lambda:
       k = jnp.maximum(step - anneal + 1, 1).astype(jnp.float32) ** ood_power
       new_lam = _normalised_ascent(state.lam_params, g_lam, ood_lr, k)
-      lam_params = train_lib.tree_where(step >= anneal, new_lam,
+      lam_params = method_base.tree_where(step >= anneal, new_lam,
                                         state.lam_params)
     return TVState(step + 1, params, opt_state, infer_params,
                    infer_opt_state, lam_params), aux
@@ -340,8 +344,8 @@ def tv_method(*, penalty: Optional[str] = "l1", envs: str = "given",
     return jnp.float32(0.0 if pen_term is None else weight)
 
   return TVMethod(init, update, loss_fn, weights, predict, lam,
-                  envs == "inferred",
-                  "; ".join(parts))
+                  envs == "inferred", "; ".join(parts), pool,
+                  lambda state: state.params)
 
 
 @dataclasses.dataclass
@@ -363,6 +367,7 @@ def select(history: dict, env_names: dict) -> dict:
   (``test_worst``) at each selected point and the ``oracle_worst`` rule
   (best worst-env test accuracy over training, as OOD-TV's release records
   it; optimistic, uses test data)."""
+  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
   worst = history["test_acc_E"].min(1)
   out = train_lib.select(history, env_names)
   i = int(np.argmax(worst))
@@ -378,42 +383,14 @@ def select(history: dict, env_names: dict) -> dict:
   return out
 
 
-def _accuracy(method: TVMethod, state: TVState, arrays):
-  x_EN, y_EN, valid_EN = arrays
-  e, n = y_EN.shape
-  logits = method.predict(state, x_EN.reshape((e * n,) + x_EN.shape[2:]))
-  return objectives.accuracy(logits.reshape(e, n, -1), y_EN, valid_EN)
-
-
-@functools.partial(jax.jit, static_argnames=("method", "steps", "eval_every"))
-def _run(key, batch: Pooled, evals: dict, *, method: TVMethod, steps: int,
-         eval_every: int):
-  """The whole run as nested scans: ``steps // eval_every`` chunks of
-  ``eval_every`` updates, each followed by an evaluation."""
-  def chunk(state, _):
-    state, aux = jax.lax.scan(lambda s, _: method.update(s, batch), state,
-                              None, length=eval_every)
-    row = {k: v[-1] for k, v in aux.items()}
-    row["step"] = state.step
-    for name, arrays in evals.items():
-      row[f"{name}_acc_E"] = _accuracy(method, state, arrays)
-    return state, row
-
-  state = method.init(key, batch)
-  return jax.lax.scan(chunk, state, None, length=steps // eval_every)
-
-
-def _arrays(envs: data_lib.Envs):
-  return (jnp.asarray(envs.x), jnp.asarray(envs.y),
-          jnp.asarray(envs.valid, jnp.float32))
-
-
 def fit(splits: data_lib.EnvSplits, method: TVMethod, *, steps: int,
         eval_every: int = 100, seed: int = 0) -> TVResult:
-  """Trains ``method`` on the pooled training environments of ``splits``.
+  """Trains ``method`` on the pooled training environments of ``splits``:
+  :func:`jirm.fit` with ``runner='scan'`` and IRM-TV's selections.
 
   One jitted program runs every update and evaluation; restarts (other
-  seeds, other data of the same shapes) reuse it.
+  seeds, other data of the same shapes) reuse it. A NaN/Inf metric or state
+  leaf raises :class:`jirm.train.DivergenceError` naming the step.
 
   Args:
     splits: environments, with ``aux`` (e.g. :func:`jirm.data.zin_synthetic`)
@@ -440,14 +417,8 @@ def fit(splits: data_lib.EnvSplits, method: TVMethod, *, steps: int,
   if splits.task != "binary":
     raise ValueError(f"task={splits.task!r}: the IRM-TV trainer handles "
                      f"binary tasks (one logit).")
-  t0 = time.time()
-  batch = pool(splits.train)
-  evals = {"train": _arrays(splits.train), "test": _arrays(splits.test)}
-  if splits.val is not None:
-    evals["val"] = _arrays(splits.val)
-  state, rows = _run(jax.random.key(seed), batch, evals, method=method,
-                     steps=steps, eval_every=eval_every)
-  history = {k: np.asarray(v) for k, v in jax.device_get(rows).items()}
-  env_names = train_lib.env_names_of(splits)
-  return TVResult(state, history, select(history, env_names), env_names,
-                  time.time() - t0)
+  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
+  res = train_lib.fit(splits, method, steps=steps, eval_every=eval_every,
+                      seed=seed, runner="scan")
+  return TVResult(res.state, res.history, select(res.history, res.env_names),
+                  res.env_names, res.wall_s)

@@ -29,7 +29,7 @@ import optax
 from jirm import data as data_lib
 from jirm import masks
 from jirm import objectives
-from jirm import train as train_lib
+from jirm.methods import base
 
 
 class SparseState(NamedTuple):
@@ -44,7 +44,8 @@ class SparseState(NamedTuple):
 def make_step(apply_fn, objective: objectives.Objective, *,
               weight_opt: optax.GradientTransformation,
               score_opt: optax.GradientTransformation, total_steps: int,
-              keep_target: float, num_scores: int, task: str = "binary",
+              keep_target: float, num_scores: Optional[int] = None,
+              task: str = "binary",
               score_start: float = 0.28, budget_end: float = 0.6,
               steps_per_epoch: int = 1, sparsity: float = 0.0,
               batch_size: Optional[int] = None):
@@ -58,7 +59,8 @@ def make_step(apply_fn, objective: objectives.Objective, *,
     total_steps: training length (sets the temperature and budget
       schedules).
     keep_target: final keep ratio of the masked weights.
-    num_scores: number of masked weights ``n`` (budget ``k = keep * n``).
+    num_scores: number of masked weights ``n`` (budget ``k = keep * n``);
+      None counts the state's scores.
     task: loss / accuracy type.
     score_start: scores are frozen before this fraction of training.
     budget_end: the budget reaches ``keep_target`` at this fraction.
@@ -78,7 +80,7 @@ def make_step(apply_fn, objective: objectives.Objective, *,
     k_mask, k_obj = jax.random.split(rng)
     temp = masks.inverse_temperature(step // steps_per_epoch, epochs)
     m = masks.relaxed(scores, k_mask, temp)
-    logits = train_lib.forward(apply_fn, masks.apply(params, m), batch.x)
+    logits = base.forward(apply_fn, masks.apply(params, m), batch.x)
     out = objectives.Outputs(logits, batch.y, batch.valid, params, k_obj,
                              task)
     total, aux = objective(out, step)
@@ -89,14 +91,14 @@ def make_step(apply_fn, objective: objectives.Objective, *,
     aux["inverse_temp"] = temp
     return total, aux
 
-  def step_fn(state: SparseState, data: train_lib.EnvArrays):
+  def step_fn(state: SparseState, data: base.EnvArrays):
     k_loss = jax.random.fold_in(state.rng, state.step)
     # epoch_batch folds the epoch index into one fixed key of the run.
-    batch = data if batch_size is None else train_lib.epoch_batch(
+    batch = data if batch_size is None else base.epoch_batch(
         data, jax.random.split(state.rng)[1], state.step, batch_size)
     (g_w, g_s), aux = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(
         state.params, state.scores, batch, k_loss, state.step)
-    w_state = train_lib.reset_at(weight_opt, state.w_opt_state, state.params,
+    w_state = base.reset_at(weight_opt, state.w_opt_state, state.params,
                                  state.step, reset_step)
     upd, w_state = weight_opt.update(g_w, w_state, state.params)
     params = optax.apply_updates(state.params, upd)
@@ -110,7 +112,8 @@ def make_step(apply_fn, objective: objectives.Objective, *,
                            state.s_opt_state)
     keep = masks.keep_ratio(state.step, total_steps, keep_target,
                             score_start, budget_end)
-    scores = masks.project(scores, keep * num_scores)
+    n = masks.num_scores(scores) if num_scores is None else num_scores
+    scores = masks.project(scores, keep * n)
     aux["keep_ratio"] = keep
     aux["density"] = masks.density(scores)
     return SparseState(state.step + 1, params, scores, w_state, s_state,
@@ -122,12 +125,80 @@ def make_step(apply_fn, objective: objectives.Objective, *,
 def make_eval_fn(apply_fn, task: str = "binary"):
   """``eval(params, scores, rng, data) -> acc_E`` with one Bernoulli mask."""
 
-  def eval_fn(params, scores, rng, data: train_lib.EnvArrays):
+  def eval_fn(params, scores, rng, data: base.EnvArrays):
     p = masks.apply(params, masks.bernoulli(scores, rng))
-    logits = train_lib.forward(apply_fn, p, data.x)
+    logits = base.forward(apply_fn, p, data.x)
     return objectives.accuracy(logits, data.y, data.valid, task)
 
   return eval_fn
+
+
+def sparse_method(model, objective: objectives.Objective, *, steps: int,
+                  keep_target: float, task: str = "binary",
+                  weight_opt: Optional[optax.GradientTransformation] = None,
+                  score_opt: Optional[optax.GradientTransformation] = None,
+                  pattern: str = masks.DEFAULT_PATTERN,
+                  score_start: float = 0.28, budget_end: float = 0.6,
+                  sparsity: float = 0.0, batch_size: Optional[int] = None,
+                  steps_per_epoch: int = 1,
+                  init_params=None) -> base.Method:
+  """SparseIRM / SparseERM (Zhou et al., ICML 2022): masks around any
+  objective, as a :class:`jirm.methods.Method`.
+
+  Args:
+    model: a Flax module (``init``, ``apply``).
+    objective: the objective of the masked network (ERM, or with a
+      penalty).
+    steps: training length (sets the temperature and budget schedules).
+    keep_target: final keep ratio (SparseIRM's ``--prune-rate``, 0.95).
+    task: loss / accuracy type.
+    weight_opt: weights' optimizer (default Adam 6e-4).
+    score_opt: scores' optimizer (default Adam 6e-3).
+    pattern: which parameters get masks (:func:`jirm.masks.select`).
+    score_start, budget_end, sparsity, batch_size: see :func:`make_step`.
+    steps_per_epoch: the temperature changes per epoch (with ``batch_size``:
+      ``min_e n_e // batch_size``, the epochs of
+      :func:`jirm.methods.epoch_batch`).
+    init_params: start from these weights instead of a fresh init.
+
+  Returns:
+    A method over a :class:`SparseState`; ``predict`` draws one Bernoulli
+    mask per evaluation point (from the state's key and step), ``export``
+    gives ``{'params': weights, 'scores': scores}``, and the metrics also
+    hold the keep ratio, the density and the inverse temperature.
+
+  Example:
+    >>> method = sparse_method(jirm.models.mlp(390), objective, steps=501,
+    ...                        keep_target=0.95)
+    >>> result = jirm.fit(splits, method, steps=501)
+  """
+  if steps < 1:
+    raise ValueError(f"steps={steps!r} must be >= 1.")
+  weight_opt = weight_opt or optax.adam(6e-4)
+  score_opt = score_opt or optax.adam(6e-3)
+  update = make_step(
+      model.apply, objective, weight_opt=weight_opt, score_opt=score_opt,
+      total_steps=steps, keep_target=keep_target, num_scores=None,
+      task=task, score_start=score_start, budget_end=budget_end,
+      sparsity=sparsity, steps_per_epoch=steps_per_epoch,
+      batch_size=batch_size)
+
+  def init(rng, data: base.EnvArrays) -> SparseState:
+    k_init, k_train = jax.random.split(rng)
+    params = (model.init(k_init, data.x[0, :1]) if init_params is None else
+              init_params)
+    scores = masks.init_scores(params, pattern)
+    return SparseState(jnp.zeros((), jnp.int32), params, scores,
+                       weight_opt.init(params), score_opt.init(scores),
+                       k_train)
+
+  def predict(state: SparseState, x_NX):
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 7)
+    p = masks.apply(state.params, masks.bernoulli(state.scores, key))
+    return model.apply(p, x_NX)
+
+  return base.Method(init, update, predict, export=lambda state: {
+      "params": state.params, "scores": state.scores})
 
 
 def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
@@ -139,61 +210,24 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
         batch_size: Optional[int] = None, eval_every: int = 10,
         init_params=None, progress: bool = False, desc: str = "",
         checkpoint_dir: Optional[str] = None,
-        checkpoint_every: int = 100) -> train_lib.FitResult:
-  """Trains a masked ``model`` (SparseIRM / SparseERM); same results format
-  as :func:`jirm.train.fit`, evaluated with one Bernoulli mask per point.
-
-  Args:
-    splits, model, objective, steps, seed, batch_size, eval_every, progress,
-      desc, checkpoint_dir, checkpoint_every: as :func:`jirm.train.fit`.
-    keep_target: final keep ratio (SparseIRM's ``--prune-rate``, 0.95).
-    weight_opt: weights' optimizer (default Adam 6e-4).
-    score_opt: scores' optimizer (default Adam 6e-3).
-    pattern: which parameters get masks (:func:`jirm.masks.select`).
-    score_start, budget_end, sparsity: see :func:`make_step`.
-    init_params: start from these weights instead of a fresh init.
-
-  Returns:
-    A :class:`jirm.train.FitResult` whose ``params`` is
-    ``{'params': weights, 'scores': scores}``; ``history`` also records the
-    keep ratio, the density and the inverse temperature.
-  """
-  if steps < 1:
-    raise ValueError(f"steps={steps!r} must be >= 1.")
-  t0 = time.time()
-  weight_opt = weight_opt or optax.adam(6e-4)
-  score_opt = score_opt or optax.adam(6e-3)
-  train = train_lib.EnvArrays.from_envs(splits.train)
-  k_init, k_train = jax.random.split(jax.random.key(seed))
-  params = (model.init(k_init, train.x[0, :1]) if init_params is None else
-            init_params)
-  scores = masks.init_scores(params, pattern)
-  state = SparseState(jnp.zeros((), jnp.int32), params, scores,
-                      weight_opt.init(params), score_opt.init(scores),
-                      k_train)
-  # The temperature changes per epoch (jirm.train.epoch_batch's epochs).
+        checkpoint_every: int = 100):
+  """Kept for existing callers: ``jirm.fit(splits, sparse_method(model,
+  objective, steps=..., keep_target=..., task=splits.task,
+  steps_per_epoch=min_e n_e // batch_size, ...), steps=..., seed=...)``;
+  the result's ``params`` is ``{'params': weights, 'scores': scores}``."""
+  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
   steps_per_epoch = (1 if batch_size is None else
                      max(min(splits.train.sizes) // batch_size, 1))
-  step_fn = jax.jit(make_step(
-      model.apply, objective, weight_opt=weight_opt, score_opt=score_opt,
-      total_steps=steps, keep_target=keep_target,
-      num_scores=masks.num_scores(scores), task=splits.task,
-      score_start=score_start, budget_end=budget_end, sparsity=sparsity,
-      steps_per_epoch=steps_per_epoch, batch_size=batch_size),
-                    donate_argnums=0)
-  eval_fn = jax.jit(make_eval_fn(model.apply, splits.task))
-
-  def acc_fn(st, arrays):
-    key = jax.random.fold_in(jax.random.fold_in(st.rng, st.step), 7)
-    return eval_fn(st.params, st.scores, key, arrays)
-
-  state, history, env_names = train_lib.train_and_evaluate(
-      state, step_fn, splits, acc_fn, train=train, steps=steps,
-      eval_every=eval_every, progress=progress, desc=desc,
-      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
-  return train_lib.FitResult(
-      {"params": state.params, "scores": state.scores}, history,
-      train_lib.select(history, env_names), env_names, time.time() - t0)
+  method = sparse_method(
+      model, objective, steps=steps, keep_target=keep_target,
+      task=splits.task, weight_opt=weight_opt, score_opt=score_opt,
+      pattern=pattern, score_start=score_start, budget_end=budget_end,
+      sparsity=sparsity, batch_size=batch_size,
+      steps_per_epoch=steps_per_epoch, init_params=init_params)
+  return train_lib.fit(splits, method, steps=steps, seed=seed,
+                       eval_every=eval_every, progress=progress, desc=desc,
+                       checkpoint_dir=checkpoint_dir,
+                       checkpoint_every=checkpoint_every)
 
 
 def fit_mrm(splits: data_lib.EnvSplits, *, model,
@@ -201,7 +235,7 @@ def fit_mrm(splits: data_lib.EnvSplits, *, model,
             mask_steps: int, retrain_steps: int, sparsity: float = 1.0,
             seed: int = 0, lr: float = 6e-4, mask_lr: float = 6e-3,
             pattern: str = masks.DEFAULT_PATTERN, eval_every: int = 10,
-            progress: bool = False, desc: str = "") -> train_lib.FitResult:
+            progress: bool = False, desc: str = ""):
   """MRM: dense training, mask learning, retraining the subnetwork.
 
   Phase 1 trains the dense network with ``objective`` (ERM for MRM, or
@@ -215,6 +249,7 @@ def fit_mrm(splits: data_lib.EnvSplits, *, model,
     A :class:`jirm.train.FitResult` of phase 3 with ``params =
     {'params', 'mask'}``; ``history['mrm_density']`` is the kept fraction.
   """
+  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   init = model.init(jax.random.split(jax.random.key(seed))[0],
                     jnp.asarray(splits.train.x[0, :1]))

@@ -1,10 +1,13 @@
-"""Training and evaluation: a jitted pure step, full-batch or minibatch.
+"""The trainer: one host loop and one scan runner for every method.
 
-The step does one forward pass over all environments (``[E, B, ...]`` is
-reshaped to ``[E*B, ...]``), evaluates the objective on the per-environment
-outputs, and applies an optax update. A schedule's optimizer reset (DomainBed
-re-initialises Adam at the anneal step) is done inside the jitted step with
-``jnp.where``. Per-step randomness is ``fold_in(rng, step)``.
+:func:`fit` runs any :class:`jirm.methods.Method` (``init``, ``update``,
+``predict`` over an explicit state pytree): it jits the update, evaluates
+every environment every ``eval_every`` updates, applies the model-selection
+rules, and adds what every method gets for free: orbax checkpoints and
+resume, TensorBoard scalars, a device mesh, a progress bar and a divergence
+check on the metrics and on every floating leaf of the state. The notebook
+form ``fit(splits, model=..., objective=..., optimizer=...)`` builds
+:func:`jirm.methods.from_objective` underneath.
 
 Model selection (SPEC §6) is computed from periodic evaluations of every
 environment: ``last``, ``train_domain_val`` (best mean accuracy on held-out
@@ -23,9 +26,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,154 +38,17 @@ import optax
 
 from jirm import data as data_lib
 from jirm import objectives
+from jirm import methods as methods_lib
+# The array helpers and the objective's update live with the methods (below
+# the trainer); these names are kept for existing callers.
+from jirm.methods.base import (EnvArrays, TrainState, epoch_batch, forward,  # pylint: disable=unused-import
+                               reset_at, tree_where)
+from jirm.methods.objective import (make_eval_fn, make_loss_fn,  # pylint: disable=unused-import
+                                    make_train_step)
 
 SELECTION_RULES = ("last", "train_domain_val", "val_worst_group", "oracle",
                    "oracle_train_gt60")
-
-
-class TrainState(NamedTuple):
-  """Explicit training state pytree."""
-
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  rng: jax.Array
-
-
-class EnvArrays(NamedTuple):
-  """Device arrays of one :class:`jirm.data.Envs` (x, y, valid)."""
-
-  x: jax.Array
-  y: jax.Array
-  valid: jax.Array
-
-  @classmethod
-  def from_envs(cls, envs: data_lib.Envs) -> "EnvArrays":
-    return cls(jnp.asarray(envs.x), jnp.asarray(envs.y),
-               jnp.asarray(envs.valid, jnp.float32))
-
-
-def forward(apply_fn, params, x_EB):
-  """One forward pass over all environments: ``[E, B, ...] -> [E, B, C]``."""
-  e, b = x_EB.shape[:2]
-  logits = apply_fn(params, x_EB.reshape((e * b,) + x_EB.shape[2:]))
-  return logits.reshape(e, b, -1)
-
-
-def _sample_batch(data: EnvArrays, rng, batch_size: int) -> EnvArrays:
-  """Draws ``batch_size`` samples (with replacement) from every env."""
-  n_valid_E = data.valid.sum(1).astype(jnp.int32)
-  keys = jax.random.split(rng, data.y.shape[0])
-  idx_EB = jax.vmap(lambda k, n: jax.random.randint(k, (batch_size,), 0, n))(
-      keys, n_valid_E)
-  take = lambda a: jnp.take_along_axis(
-      a, idx_EB.reshape(idx_EB.shape + (1,) * (a.ndim - 2)), axis=1)
-  return EnvArrays(take(data.x), take(data.y), take(data.valid))
-
-
-def epoch_batch(data: EnvArrays, rng, step, batch_size: int) -> EnvArrays:
-  """A balanced minibatch of ``batch_size`` samples from every env, drawn
-  without replacement within an epoch (a fresh permutation per epoch).
-
-  The epoch length is ``min_e n_e // batch_size`` steps; ``rng`` must be the
-  run's fixed key (the epoch index is folded in).
-  """
-  n_valid_E = data.valid.sum(1).astype(jnp.int32)
-  steps_per_epoch = jnp.maximum(n_valid_E.min() // batch_size, 1)
-  epoch, pos = step // steps_per_epoch, step % steps_per_epoch
-  keys = jax.random.split(jax.random.fold_in(rng, epoch), data.y.shape[0])
-  # Valid rows first, in random order.
-  order_EN = jax.vmap(lambda k, v: jnp.argsort(
-      jnp.where(v > 0, jax.random.uniform(k, v.shape), 2.0)))(keys, data.valid)
-  idx_EB = jax.lax.dynamic_slice_in_dim(order_EN, pos * batch_size,
-                                        batch_size, axis=1)
-  take = lambda a: jnp.take_along_axis(
-      a, idx_EB.reshape(idx_EB.shape + (1,) * (a.ndim - 2)), axis=1)
-  return EnvArrays(take(data.x), take(data.y), take(data.valid))
-
-
-def tree_where(cond, new, old):
-  """``new`` where the traced boolean ``cond`` holds, else ``old`` (leafwise;
-  selects state inside jit without Python branching)."""
-  return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
-
-
-def reset_at(optimizer: optax.GradientTransformation, opt_state, params,
-             step, reset_step: Optional[int]):
-  """``optimizer.init(params)`` when ``step == reset_step``, else
-  ``opt_state`` (traced: no retrace at the reset). None never resets."""
-  if reset_step is None:
-    return opt_state
-  return tree_where(step == reset_step, optimizer.init(params), opt_state)
-
-
-def make_loss_fn(apply_fn, objective: objectives.Objective,
-                 task: str = "binary"):
-  """``loss(params, batch, rng, step) -> (total, aux)``: one forward pass
-  over all environments, the objective, and the batch accuracy in
-  ``aux['train_acc']``."""
-
-  def loss_fn(params, batch: EnvArrays, rng, step):
-    logits = forward(apply_fn, params, batch.x)
-    out = objectives.Outputs(logits, batch.y, batch.valid, params, rng, task)
-    total, aux = objective(out, step)
-    aux["train_acc"] = objectives.accuracy(logits, batch.y, batch.valid,
-                                           task).mean()
-    return total, aux
-
-  return loss_fn
-
-
-def make_train_step(apply_fn, objective: objectives.Objective,
-                    optimizer: optax.GradientTransformation, *,
-                    task: str = "binary", batch_size: Optional[int] = None,
-                    reset_step: Optional[int] = None):
-  """Builds ``step(state, data) -> (state, metrics)``, a pure function.
-
-  Args:
-    apply_fn: ``(params, x_NX) -> logits_NC``.
-    objective: the :class:`jirm.objectives.Objective` to minimise.
-    optimizer: an optax transformation.
-    task: loss/accuracy type of the data.
-    batch_size: samples per env per step; None = full batch.
-    reset_step: re-initialise the optimizer state at this step (defaults to
-      the objective's schedule's ``reset_step``).
-
-  Returns:
-    The step function (jit it; it is traced once).
-  """
-  sched = objective.schedule()
-  if reset_step is None and sched is not None:
-    reset_step = sched.reset_step
-
-  loss_fn = make_loss_fn(apply_fn, objective, task)
-
-  def step_fn(state: TrainState, data: EnvArrays):
-    k_batch, k_obj = jax.random.split(jax.random.fold_in(state.rng,
-                                                         state.step))
-    batch = data if batch_size is None else _sample_batch(data, k_batch,
-                                                          batch_size)
-    grads, aux = jax.grad(loss_fn, has_aux=True)(state.params, batch, k_obj,
-                                                 state.step)
-    opt_state = reset_at(optimizer, state.opt_state, state.params,
-                         state.step, reset_step)
-    updates, opt_state = optimizer.update(grads, opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    return TrainState(state.step + 1, params, opt_state, state.rng), aux
-
-  return step_fn
-
-
-def make_eval_fn(apply_fn, task: str = "binary"):
-  """``eval(params, data) -> (acc_E, loss_E)`` for every environment."""
-
-  def eval_fn(params, data: EnvArrays):
-    logits = forward(apply_fn, params, data.x)
-    out = objectives.Outputs(logits, data.y, data.valid, task=task)
-    return objectives.accuracy(logits, data.y, data.valid, task), (
-        objectives.env_risks(out))
-
-  return eval_fn
+RUNNERS = ("host", "scan")
 
 
 @dataclasses.dataclass
@@ -189,13 +56,16 @@ class FitResult:
   """What :func:`fit` returns.
 
   Attributes:
-    params: final parameters.
+    params: ``method.export(state)``: the final parameters (for deep models
+      ``(params, batch_stats)``, for SparseIRM ``{'params', 'scores'}``).
     history: dict of numpy arrays over evaluation points: ``step``,
       ``train_acc_E``, ``test_acc_E``, ``val_acc_E`` (if any) and the
-      objective's aux values at that step (``term/...``, ``weight/...``).
+      method's metrics at that step (``term/...``, ``weight/...``).
     selections: rule -> dict(step, train_acc, test_acc, val_acc, env_acc).
     env_names: names of train / test / val envs.
     wall_s: wall time of the training loop including compilation.
+    state: the method's final state (parameters, optimizer states and the
+      method's extras).
   """
 
   params: Any
@@ -203,6 +73,7 @@ class FitResult:
   selections: dict
   env_names: dict
   wall_s: float
+  state: Any = None
 
 
 def _group_metrics(acc_TE, sizes):
@@ -264,24 +135,85 @@ def select(history: dict, env_names: dict) -> dict:
   return out
 
 
-def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
-        optimizer: optax.GradientTransformation, steps: int, seed: int = 0,
-        batch_size: Optional[int] = None, eval_every: int = 10,
+def make_accuracy_fn(predict, task: str = "binary",
+                     chunk: Optional[int] = None):
+  """``acc(state, data) -> acc_E`` from a method's ``predict``.
+
+  Args:
+    predict: ``(state, x_NX) -> logits_NC``.
+    task: accuracy type.
+    chunk: None evaluates all ``E * N`` samples in one call; else the
+      samples are padded to a multiple of ``chunk`` per environment and
+      evaluated ``E * chunk`` at a time (``lax.map``; bounds the memory of
+      deep models).
+
+  Returns:
+    The accuracy function (jit it).
+  """
+
+  def acc_fn(state, data: EnvArrays):
+    e, n = data.y.shape
+    if chunk is None:
+      logits = predict(state, data.x.reshape((e * n,) + data.x.shape[2:]))
+      return objectives.accuracy(logits.reshape(e, n, -1), data.y,
+                                 data.valid, task)
+    pad = (-n) % chunk
+    padded = jax.tree.map(
+        lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)),
+        data)
+    x_KEC = padded.x.reshape((e, -1, chunk) + data.x.shape[2:]).swapaxes(0,
+                                                                         1)
+
+    def one(x_ECX):
+      return predict(state, x_ECX.reshape((-1,) + x_ECX.shape[2:])).reshape(
+          x_ECX.shape[:2] + (-1,))
+
+    logits = jax.lax.map(one, x_KEC).swapaxes(0, 1).reshape(e, n + pad, -1)
+    return objectives.accuracy(logits, padded.y, padded.valid, task)
+
+  return acc_fn
+
+
+def _subset(envs: data_lib.Envs, max_per_env: Optional[int]):
+  if max_per_env is None or envs.x.shape[1] <= max_per_env:
+    return envs
+  return data_lib.Envs(envs.x[:, :max_per_env], envs.y[:, :max_per_env],
+                       envs.agree[:, :max_per_env],
+                       envs.valid[:, :max_per_env], envs.names,
+                       envs.spurious)
+
+
+def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
+        seed: int = 0, eval_every: int = 10, model=None,
+        objective: Optional[objectives.Objective] = None,
+        optimizer: Optional[optax.GradientTransformation] = None,
+        batch_size: Optional[int] = None, init_params=None,
+        eval_chunk: Optional[int] = None,
+        eval_train_max: Optional[int] = None, runner: str = "host",
         progress: bool = False, desc: str = "",
-        checkpoint_dir: Optional[str] = None,
-        checkpoint_every: int = 100, init_params=None, mesh=None,
-        metrics_dir: Optional[str] = None) -> FitResult:
-  """Trains ``model`` on ``splits.train`` and evaluates every environment.
+        checkpoint_dir: Optional[str] = None, checkpoint_every: int = 100,
+        mesh=None, metrics_dir: Optional[str] = None) -> FitResult:
+  """Trains ``method`` on ``splits.train`` and evaluates every environment.
 
   Args:
     splits: environments (see :mod:`jirm.data`).
-    model: a Flax module.
-    objective: the objective (``erm + w * penalty + ...``).
-    optimizer: optax transformation.
+    method: a :class:`jirm.methods.Method`; or None with ``model``,
+      ``objective`` and ``optimizer`` (and optionally ``batch_size``,
+      ``init_params``), which builds :func:`jirm.methods.from_objective`.
     steps: number of updates.
-    seed: seeds initialisation and per-step randomness.
-    batch_size: per-env minibatch size; None = full batch.
+    seed: ``method.init`` gets ``jax.random.key(seed)``.
     eval_every: evaluate every this many steps and after the last one.
+    model, objective, optimizer, batch_size, init_params: the notebook form
+      (see :func:`jirm.methods.from_objective`).
+    eval_chunk: evaluate this many samples per environment at a time (None:
+      all at once).
+    eval_train_max: evaluate the training environments on their first this
+      many samples (None: all).
+    runner: ``'host'`` (a Python loop over jitted updates: checkpoints,
+      TensorBoard, progress) or ``'scan'`` (the whole run, updates and
+      evaluations, as one jitted ``lax.scan``; ``steps`` must be a multiple
+      of ``eval_every``; a second run of the same method and shapes reuses
+      the compiled program).
     progress: show a tqdm progress bar.
     desc: progress-bar label.
     checkpoint_dir: if set, the state and evaluation history are saved there
@@ -290,61 +222,187 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
       the resumed run equals an uninterrupted one.
     checkpoint_every: steps between checkpoints (rounded up to an evaluation
       point).
-    init_params: start from these parameters instead of a fresh init.
     mesh: a ``jax.sharding.Mesh`` from :func:`jirm.sharding.make_mesh`: the
-      batch axis is split over its ``data`` axis, the state replicated; the
-      result equals the single-device run up to float rounding.
-    metrics_dir: write the evaluation rows (accuracies, every objective term
-      and weight) as TensorBoard scalars there.
+      sample axis of every environment is split over its ``data`` axis, the
+      state replicated; the result equals the single-device run up to float
+      rounding.
+    metrics_dir: write the evaluation rows (accuracies, every metric) as
+      TensorBoard scalars there.
 
   Returns:
     A :class:`FitResult`.
 
   Raises:
-    ValueError: on non-positive ``steps`` / ``eval_every`` or a batch size
-      larger than an environment.
+    ValueError: on non-positive ``steps`` / ``eval_every``, a batch size
+      larger than an environment, or options that do not go together.
+    DivergenceError: a metric or a floating leaf of the state became NaN or
+      Inf; the message names the step and the term or leaf.
   """
   if steps < 1 or eval_every < 1:
     raise ValueError(f"steps={steps!r} and eval_every={eval_every!r} must be "
                      f">= 1.")
+  if runner not in RUNNERS:
+    raise ValueError(f"runner={runner!r}: use one of {RUNNERS}.")
   if batch_size is not None and batch_size > min(splits.train.sizes):
     raise ValueError(f"batch_size={batch_size} exceeds the smallest training "
                      f"env ({min(splits.train.sizes)} samples); lower it or "
                      f"use batch_size=None (full batch).")
+  notebook = dict(model=model, objective=objective, optimizer=optimizer)
+  if method is None:
+    missing = [k for k, v in notebook.items() if v is None]
+    if missing:
+      raise ValueError(f"pass method= or all of model, objective and "
+                       f"optimizer (missing: {', '.join(missing)}).")
+    method = methods_lib.from_objective(model, objective, optimizer,
+                                        task=splits.task,
+                                        batch_size=batch_size,
+                                        init_params=init_params)
+  else:
+    given = [k for k, v in dict(notebook, batch_size=batch_size,
+                                init_params=init_params).items()
+             if v is not None]
+    if given:
+      raise ValueError(f"{', '.join(given)}: these build a method; pass "
+                       f"them to the method's factory, not with method=.")
+  if mesh is not None and batch_size is not None:
+    raise ValueError("mesh= shards the full batch; minibatch sampling "
+                     "(batch_size) is single-device only.")
+  if runner == "scan":
+    unsupported = dict(checkpoint_dir=checkpoint_dir, mesh=mesh,
+                       metrics_dir=metrics_dir)
+    bad = [k for k, v in unsupported.items() if v is not None]
+    if bad or steps % eval_every:
+      raise ValueError(
+          f"runner='scan' runs steps={steps} as a multiple of eval_every="
+          f"{eval_every} and supports no {', '.join(bad) or 'host options'}"
+          f"; use runner='host' for checkpoints, a mesh or TensorBoard.")
   t0 = time.time()
-  task = splits.task
-  train = EnvArrays.from_envs(splits.train)
-  k_init, k_train = jax.random.split(jax.random.key(seed))
-  params = (model.init(k_init, train.x[0, :1]) if init_params is None else
-            init_params)
-  state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
-                     k_train)
-  step_fn = jax.jit(make_train_step(model.apply, objective, optimizer,
-                                    task=task, batch_size=batch_size),
-                    donate_argnums=0)
-  eval_fn = jax.jit(make_eval_fn(model.apply, task))
-  evals = None
-  if mesh is not None:
-    from jirm import sharding  # pylint: disable=g-import-not-at-top
-    if batch_size is not None:
-      raise ValueError("mesh= shards the full batch; minibatch sampling "
-                       "(batch_size) is single-device only.")
-    train = sharding.shard_env_arrays(train, mesh)
-    evals = {"train": train,
-             "test": sharding.shard_env_arrays(
-                 EnvArrays.from_envs(splits.test), mesh)}
-    if splits.val is not None:
-      evals["val"] = sharding.shard_env_arrays(
-          EnvArrays.from_envs(splits.val), mesh)
-    state = sharding.replicate(state, mesh)
+  train = method.prepare(splits.train)
+  evals = {"train": EnvArrays.from_envs(_subset(splits.train,
+                                                eval_train_max)),
+           "test": EnvArrays.from_envs(splits.test)}
+  if splits.val is not None:
+    evals["val"] = EnvArrays.from_envs(splits.val)
+  env_names = env_names_of(splits)
+  if runner == "scan":
+    state, history = _scan_fit(method, jax.random.key(seed), train, evals,
+                               steps=steps, eval_every=eval_every,
+                               task=splits.task, chunk=eval_chunk)
+  else:
+    state = _unaliased(method.init(jax.random.key(seed), train))
+    if mesh is not None:
+      from jirm import sharding  # pylint: disable=g-import-not-at-top
+      if not isinstance(train, EnvArrays):
+        raise ValueError(f"mesh= shards EnvArrays; this method prepares "
+                         f"{type(train).__name__}.")
+      train = sharding.shard_env_arrays(train, mesh)
+      evals = {k: sharding.shard_env_arrays(v, mesh)
+               for k, v in evals.items()}
+      state = sharding.replicate(state, mesh)
+    step_fn = jax.jit(_checked(method.update), donate_argnums=0)
+    acc_fn = jax.jit(make_accuracy_fn(method.predict, splits.task,
+                                      eval_chunk))
 
-  state, history, env_names = train_and_evaluate(
-      state, step_fn, splits, lambda st, d: eval_fn(st.params, d)[0],
-      evals=evals, train=train, steps=steps, eval_every=eval_every,
-      progress=progress, desc=desc, checkpoint_dir=checkpoint_dir,
-      checkpoint_every=checkpoint_every, metrics_dir=metrics_dir)
-  return FitResult(state.params, history, select(history, env_names),
-                   env_names, time.time() - t0)
+    def evaluate(st, aux):
+      row = {"step": int(st.step)}
+      for name, arrays in evals.items():
+        row[f"{name}_acc_E"] = acc_fn(st, arrays)
+      row.update(aux)
+      return row
+
+    state, history = run_loop(state, lambda s: step_fn(s, train), evaluate,
+                              steps=steps, eval_every=eval_every,
+                              progress=progress, desc=desc,
+                              checkpoint_dir=checkpoint_dir,
+                              checkpoint_every=checkpoint_every,
+                              metrics_dir=metrics_dir)
+  return FitResult(method.export(state), history, select(history, env_names),
+                   env_names, time.time() - t0, state)
+
+
+def _unaliased(state):
+  """A state whose leaves are distinct buffers (an init that returns the
+  same array twice, e.g. an EMA started at the parameters, cannot be
+  donated to the jitted update otherwise)."""
+  seen = set()
+
+  def one(a):
+    if isinstance(a, jax.Array) and id(a) in seen:
+      return jnp.copy(a)
+    seen.add(id(a))
+    return a
+
+  return jax.tree.map(one, state)
+
+
+def _is_float(leaf) -> bool:
+  return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
+
+
+def _float_leaves(tree):
+  return [leaf for leaf in jax.tree.leaves(tree) if _is_float(leaf)]
+
+
+def finite_leaves(tree):
+  """``[L]`` booleans: is every value of each floating leaf finite."""
+  leaves = _float_leaves(tree)
+  if not leaves:
+    return jnp.ones((0,), bool)
+  return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
+
+
+def _checked(update):
+  """``update`` that also returns :func:`finite_leaves` of the new state."""
+
+  def step(state, data):
+    state, metrics = update(state, data)
+    return state, metrics, finite_leaves(state)
+
+  return step
+
+
+def _leaf_names(tree):
+  paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return [jax.tree_util.keystr(path) for path, leaf in paths
+          if _is_float(leaf)]
+
+
+@functools.partial(jax.jit, static_argnames=("method", "steps", "eval_every",
+                                             "task", "chunk"))
+def _scan_run(key, train, evals, *, method, steps: int, eval_every: int,
+              task: str, chunk: Optional[int]):
+  """The whole run as nested scans: ``steps // eval_every`` chunks of
+  ``eval_every`` updates, each followed by an evaluation."""
+  acc_fn = make_accuracy_fn(method.predict, task, chunk)
+  update = _checked(method.update)
+
+  def chunk_fn(state, _):
+    state, (aux, ok) = jax.lax.scan(
+        lambda s, _: (lambda r: (r[0], (r[1], r[2])))(update(s, train)),
+        state, None, length=eval_every)
+    row = {k: v[-1] for k, v in aux.items()}
+    row["step"] = state.step
+    for name, arrays in evals.items():
+      row[f"{name}_acc_E"] = acc_fn(state, arrays)
+    return state, (row, aux, ok)
+
+  state = method.init(key, train)
+  return jax.lax.scan(chunk_fn, state, None, length=steps // eval_every)
+
+
+def _scan_fit(method, key, train, evals, *, steps, eval_every, task, chunk):
+  state, (rows, aux, ok) = _scan_run(key, train, evals, method=method,
+                                     steps=steps, eval_every=eval_every,
+                                     task=task, chunk=chunk)
+  aux, ok = jax.device_get((aux, ok))
+  names = _leaf_names(state)
+  for c in range(steps // eval_every):
+    for k in range(eval_every):
+      step = c * eval_every + k
+      _check_finite([{n: v[c, k] for n, v in aux.items()}], step, 0, None)
+      _check_state(ok[c, k], names, step, 0, None)
+  history = {k: np.asarray(v) for k, v in jax.device_get(rows).items()}
+  return state, history
 
 
 def env_names_of(splits: data_lib.EnvSplits) -> dict:
@@ -359,43 +417,6 @@ def env_names_of(splits: data_lib.EnvSplits) -> dict:
   return names
 
 
-def train_and_evaluate(state, step_fn, splits: data_lib.EnvSplits, acc_fn,
-                       evals: Optional[dict] = None,
-                       train: Optional[EnvArrays] = None, **loop_kwargs):
-  """:func:`run_loop` with the standard evaluation rows.
-
-  Args:
-    state: initial state.
-    step_fn: ``(state, train_arrays) -> (state, aux)`` (jitted).
-    splits: the environments; training uses all of ``splits.train``.
-    acc_fn: ``(state, EnvArrays) -> acc_E``.
-    evals: name -> EnvArrays to evaluate (default train / test / val).
-    train: ``splits.train`` as device arrays, if already made.
-    **loop_kwargs: steps, eval_every, progress, desc, checkpoint_dir,
-      checkpoint_every, metrics_dir.
-
-  Returns:
-    ``(state, history, env_names)``.
-  """
-  if train is None:
-    train = EnvArrays.from_envs(splits.train)
-  if evals is None:
-    evals = {"train": train, "test": EnvArrays.from_envs(splits.test)}
-    if splits.val is not None:
-      evals["val"] = EnvArrays.from_envs(splits.val)
-
-  def evaluate(state, aux):
-    row = {"step": int(state.step)}
-    for name, arrays in evals.items():
-      row[f"{name}_acc_E"] = acc_fn(state, arrays)
-    row.update(aux)
-    return row
-
-  state, history = run_loop(state, lambda s: step_fn(s, train), evaluate,
-                            **loop_kwargs)
-  return state, history, env_names_of(splits)
-
-
 class DivergenceError(FloatingPointError):
   """Training produced a NaN/Inf; the message names the step and the term."""
 
@@ -404,17 +425,20 @@ def run_loop(state, step_fn, evaluate, *, steps: int, eval_every: int,
              progress: bool = False, desc: str = "",
              checkpoint_dir: Optional[str] = None,
              checkpoint_every: int = 100, metrics_dir: Optional[str] = None):
-  """The host loop shared by every trainer: step, evaluate, checkpoint.
+  """The host loop of :func:`fit`: step, evaluate, checkpoint.
 
-  Every step's aux values (objective terms, weights, total) are fetched at
-  the next evaluation point (no per-step host sync) and checked: the first
+  Every step's aux values (objective terms, weights, total) and the
+  finiteness of every floating leaf of its new state are fetched at the
+  next evaluation point (no per-step host sync) and checked: the first
   non-finite value stops the run with a :class:`DivergenceError` naming the
-  step and the term; the checkpoint directory then holds the last good
-  state (checkpoints are only written after a finite evaluation).
+  step and the term or state leaf (an overflowed Adam moment freezes
+  training with a finite loss; the state check catches it); the checkpoint
+  directory then holds the last good state (checkpoints are only written
+  after a finite evaluation).
 
   Args:
-    state: initial state (a NamedTuple with ``step`` and ``rng`` fields).
-    step_fn: ``state -> (state, aux)`` (jitted).
+    state: initial state (a pytree with a ``step`` field).
+    step_fn: ``state -> (state, aux, finite_leaves(state))`` (jitted).
     evaluate: ``(state, aux) -> dict`` of arrays for one history row.
     steps, eval_every, progress, desc, checkpoint_dir, checkpoint_every: see
       :func:`fit`.
@@ -440,17 +464,21 @@ def run_loop(state, step_fn, evaluate, *, steps: int, eval_every: int,
   last_saved = int(state.step)
   pending = []
   try:
+    names = _leaf_names(state)
     for i in it:
-      state, aux = step_fn(state)
-      pending.append(aux)
+      state, aux, ok = step_fn(state)
+      pending.append((aux, ok))
       if (i + 1) % eval_every == 0 or i + 1 == steps:
         fetched = jax.device_get(pending)
-        _check_finite(fetched, i + 1 - len(fetched), last_saved,
-                      checkpoint_dir)
+        first = i + 1 - len(fetched)
+        for k, (aux_k, ok_k) in enumerate(fetched):
+          _check_finite([aux_k], first + k, last_saved, checkpoint_dir)
+          _check_state(ok_k, names, first + k, last_saved, checkpoint_dir)
+        fetched = [a for a, _ in fetched]
         row = evaluate(state, aux)
         rows.append(jax.tree.map(lambda v: np.asarray(jax.device_get(v)), row))
         if writer is not None:
-          writer.write(i + 1 - len(fetched), fetched, rows[-1])
+          writer.write(first, fetched, rows[-1])
         pending = []
         if ckpt is not None and (i + 1 - last_saved >= checkpoint_every or
                                  i + 1 == steps):
@@ -466,17 +494,34 @@ def run_loop(state, step_fn, evaluate, *, steps: int, eval_every: int,
   return state, history
 
 
+def _where(last_saved, checkpoint_dir):
+  return (f"; the last good checkpoint is step {last_saved} in "
+          f"{checkpoint_dir}" if checkpoint_dir else "")
+
+
 def _check_finite(auxes, first_step, last_saved, checkpoint_dir):
   for k, aux in enumerate(auxes):
     for name, v in aux.items():
       v = np.asarray(v)
       if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
-        where = (f"; the last good checkpoint is step {last_saved} in "
-                 f"{checkpoint_dir}" if checkpoint_dir else "")
         raise DivergenceError(
             f"training diverged: {name} = {v.tolist()} at step "
-            f"{first_step + k}{where}. Lower the learning rate or the "
-            f"penalty weight.")
+            f"{first_step + k}{_where(last_saved, checkpoint_dir)}. Lower "
+            f"the learning rate or the penalty weight.")
+
+
+def _check_state(ok_L, names, step, last_saved, checkpoint_dir):
+  ok_L = np.asarray(ok_L)
+  if ok_L.all():
+    return
+  bad = [n for n, ok in zip(names, ok_L) if not ok]
+  where = _where(last_saved, checkpoint_dir)
+  raise DivergenceError(
+      f"training diverged: the state leaf {bad[0]} is NaN/Inf after the "
+      f"update at step {step} ({len(bad)} leaves in all) while every metric "
+      f"was finite (an "
+      f"overflowed optimizer moment freezes training){where}. Lower the "
+      f"learning rate or the penalty weight.")
 
 
 class _MetricWriter:
@@ -503,6 +548,10 @@ class _MetricWriter:
     self._w.close()
 
 
+def _is_key(a) -> bool:
+  return hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
 class _Checkpointer:
   """One orbax CheckpointManager for a run: state + evaluation history."""
 
@@ -515,7 +564,8 @@ class _Checkpointer:
 
   @staticmethod
   def _to_saveable(state):
-    return state._replace(rng=jax.random.key_data(state.rng))
+    return jax.tree.map(
+        lambda a: jax.random.key_data(a) if _is_key(a) else a, state)
 
   def save(self, state, rows: list) -> None:
     ocp = self._ocp
@@ -535,8 +585,9 @@ class _Checkpointer:
     restored = self._mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract),
         history=ocp.args.JsonRestore()))
-    st = restored["state"]
-    st = st._replace(rng=jax.random.wrap_key_data(st.rng))
+    st = jax.tree.map(
+        lambda t, a: jax.random.wrap_key_data(a) if _is_key(t) else a,
+        state, restored["state"])
     history = [{k: np.asarray(v, np.float32 if k != "step" else np.int64)
                 for k, v in r.items()} for r in restored["history"]]
     return st, history

@@ -114,7 +114,12 @@ def trace(args):
     out["grad0/stats" + k] = v
   out["grad0/loss"] = np.float32(aux["total"])
 
-  eval_fn = jax.jit(deep.make_eval_fn(model, splits.task))
+  method = deep.deep_method(
+      model, objective, optimizer, batch_size=kw["batch_size"],
+      task=splits.task, game=game, anneal_step=kw["anneal_step"],
+      head_update=kw["head_update"], transform=kw["transform"])
+  acc_fn = jax.jit(train_lib.make_accuracy_fn(method.predict, splits.task,
+                                              chunk=500))
   step_fn = make(optimizer)
   state = state0(optimizer)
   save_at = {int(s) for s in args.save_at.split(",") if s}
@@ -129,7 +134,7 @@ def trace(args):
       out[f"stats@{step}"] = np.concatenate(
           [v.ravel() for v in _flat(state.batch_stats).values()])
       out[f"test_acc@{step}"] = np.asarray(
-          eval_fn(state.params, state.batch_stats, test))
+          acc_fn(state, test))
       print(f"step {step}: loss {losses[-1]:.6f} train_acc {accs[-1]:.4f} "
             f"test_acc {out[f'test_acc@{step}']}", flush=True)
   out["loss"] = np.asarray(losses)

@@ -22,6 +22,9 @@ from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
 from test_methods import PENALTIES  # pylint: disable=g-import-not-at-top
 
 
+FIT_METHODS = ("erm", "irmv1", "bayesian_irm")
+
+
 def maxdiff(a, b):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(la) == len(lb)
@@ -66,8 +69,9 @@ def main():
   out["irmv1_mean_of_shards"] = float(np.mean([pen(params, s)
                                                for s in shards]))
 
-  # 20-step trajectories of every registered method through jirm.fit.
-  for name in sorted(jirm.methods.METHODS):
+  # 20-step trajectories through jirm.fit: ERM, a penalty and the one that
+  # draws random numbers (every penalty's loss and gradient: above).
+  for name in FIT_METHODS:
     m = jirm.methods.get(name)
     obj = jirm.methods.build_objective(
         name, l2=1e-3, schedule=sched if m.penalty is not None else None)
@@ -79,6 +83,27 @@ def main():
     out[f"fit_history/{name}"] = maxdiff(
         {k: r1.history[k] for k in r1.history},
         {k: r8.history[k] for k in r1.history})
+
+  # A deep method (tiny ResNet, BatchNorm, InvRat-EC(h)'s env heads) through
+  # the same trainer: 8 devices equal one, batch statistics included. 128
+  # samples per env: no padding rows, so the epoch permutations are the same.
+  from jirm import deep  # pylint: disable=g-import-not-at-top
+  cm = jirm.data.cifar_mnist(
+      seed=0, train_num=256, test_num=40, val="none",
+      sources=jirm.data.synthetic_cifar_mnist_sources(num_per_class=300,
+                                                      seed=0))
+  game = deep.invrat_ec(level="h")
+  obj = jirm.erm(reduction="pooled") + jirm.schedules.preset(
+      "lin", weight=10.0, anneal=1) * game.term
+  method = deep.deep_method(deep.deep_model("tiny"), obj, optax.adam(1e-3),
+                            batch_size=16, game=game, anneal_step=1,
+                            head_update="frozen")
+  kw = dict(steps=3, eval_every=3, eval_chunk=40)
+  d1 = jirm.fit(cm, method, **kw)
+  d8 = jirm.fit(cm, method, mesh=mesh, **kw)
+  keep = lambda st: (st.params, st.batch_stats, st.opt_state, st.game)
+  out["deep_state"] = maxdiff(keep(d1.state), keep(d8.state))
+  out["deep_history"] = maxdiff(d1.history, d8.history)
 
   # A sweep split 2 ways over trials and 4 ways over the batch.
   def objective_fn(hp):

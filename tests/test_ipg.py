@@ -131,7 +131,7 @@ def _tiny_setup(threshold, alpha=0.5):
 @pytest.mark.parametrize("threshold", [0.0, 1e9])
 def test_two_step_update_equals_two_manual_optax_steps(threshold):
   method, model, opt, objective, data, px = _tiny_setup(threshold)
-  state = method.init(jax.random.key(0), data.x[0, :1])
+  state = method.init(jax.random.key(0), data)
   new, aux = jax.jit(method.update)(state, data)
 
   def dist(params):
@@ -171,7 +171,7 @@ def test_two_step_update_equals_two_manual_optax_steps(threshold):
 
 def test_gate_sets_the_loss_gradient_length():
   method, _, _, _, data, _ = _tiny_setup(threshold=0.0, alpha=0.25)
-  state = method.init(jax.random.key(1), data.x[0, :1])
+  state = method.init(jax.random.key(1), data)
   # With the gate open, the applied loss gradient has length alpha*||g_d||:
   # visible through SGD (update = -lr * g).
   method_sgd = ipg.ipg(model=jirm.models.mlp(5, depth=1),
@@ -180,7 +180,7 @@ def test_gate_sets_the_loss_gradient_length():
                            size=(8, 2, 6)).astype(np.float32),
                                        np.zeros(8, np.int32)),
                        threshold=0.0, alpha=0.25, pair_batch=8)
-  st = method_sgd.init(jax.random.key(1), data.x[0, :1])
+  st = method_sgd.init(jax.random.key(1), data)
   new, aux = method_sgd.update(st, data)
   assert float(aux["ipg_gated"]) == 1.0
   # Total move = -(g_d + g_l'), ||g_l'|| = 0.25 ||g_d||: triangle bounds.
@@ -212,7 +212,7 @@ def test_colored_mnist_experiment_runs_ipg(tmp_path, synthetic_mnist):
   from experiments import colored_mnist  # pylint: disable=g-import-not-at-top
   from jirm import results as results_lib  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "ipg")
-  colored_mnist.run(("ipg", "erm"), "quick", restarts=1, seed=0,
+  colored_mnist.run(("ipg",), "quick", restarts=1, seed=0,
                     output_dir=out, overrides=["steps=6", "eval_every=3"],
                     progress=False, mnist=synthetic_mnist)
   recs = results_lib.read_jsonl(os.path.join(out, "results.jsonl"))

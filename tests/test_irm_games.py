@@ -19,8 +19,8 @@ def splits(synthetic_mnist):
 def test_only_the_mover_changes(splits, variant, num_players):
   game = irm_games.irm_game(variant=variant, hidden_dim=16, batch_size=32)
   data = train_lib.EnvArrays.from_envs(splits.train)
-  state = game.init(jax.random.key(0), data.x[0, :1], 2)
-  step = jax.jit(game.step)
+  state = game.init(jax.random.key(0), data)
+  step = jax.jit(game.update)
   for t in range(num_players + 1):
     new, aux = step(state, data)
     mover = t % num_players
@@ -40,12 +40,12 @@ def test_players_gradient_is_ensemble_loss_on_own_env(splits):
   game = irm_games.irm_game(variant="f", hidden_dim=8, batch_size=None,
                             lr=1e-3)
   data = train_lib.EnvArrays.from_envs(splits.train)
-  state = game.init(jax.random.key(0), data.x[0, :1], 2)
-  new, _ = game.step(state, data)  # Player 0 moves on env 0, Adam step 1.
+  state = game.init(jax.random.key(0), data)
+  new, _ = game.update(state, data)  # Player 0 moves on env 0, Adam step 1.
 
   def own_loss(players):
     x = data.x[0]
-    logits = game.predict(players, None, x)[None]
+    logits = game.predict(state._replace(players=players), x)[None]
     return jirm.objectives.env_risks(jirm.Outputs(
         logits, data.y[:1], data.valid[:1]))[0]
 

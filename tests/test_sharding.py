@@ -1,6 +1,7 @@
 """8 fake CPU devices (a subprocess, since XLA_FLAGS must precede JAX's
-start): every penalty's loss and gradients, every method's 20-step jirm.fit
-trajectory and a (2 sweep x 4 data) sweep equal the single-device results."""
+start): every penalty's loss and gradients, 20-step jirm.fit trajectories
+(ERM, IRMv1, BayesianIRM), a deep method on a tiny ResNet (BatchNorm, env
+heads) and a (2 sweep x 4 data) sweep equal the single-device results."""
 
 import json
 import os
@@ -44,8 +45,9 @@ def test_penalty_uses_the_global_env_risk(diffs):
 
 
 def test_twenty_step_trajectories_equal_single_device(diffs):
-  import jirm  # pylint: disable=g-import-not-at-top
-  for name in jirm.methods.METHODS:
+  from multidevice_worker import FIT_METHODS  # pylint: disable=g-import-not-at-top
+  assert len(FIT_METHODS) == 3
+  for name in FIT_METHODS:
     assert diffs[f"fit_params/{name}"] <= TOL, (name, diffs)
     assert diffs[f"fit_history/{name}"] <= TOL, (name, diffs)
 
@@ -53,3 +55,9 @@ def test_twenty_step_trajectories_equal_single_device(diffs):
 def test_sharded_sweep_equals_single_device_sweep(diffs):
   assert diffs["sweep_params"] <= TOL
   assert diffs["sweep_history"] <= TOL
+
+
+def test_deep_method_on_eight_devices_equals_one_device(diffs):
+  # Parameters, BatchNorm statistics, Adam moments and InvRat's env heads.
+  assert diffs["deep_state"] <= TOL
+  assert diffs["deep_history"] <= TOL

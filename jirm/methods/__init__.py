@@ -1,6 +1,13 @@
-"""Registry of stateless IRM methods: name -> penalty term and description.
+"""Methods: the protocol, penalty objectives as methods, and the registry.
 
-Adding a method here adds it to ``--method=all`` and to the all-methods test.
+* :class:`Method` (:mod:`jirm.methods.base`): a NamedTuple of pure functions
+  ``init``, ``update``, ``predict`` over an explicit state pytree, the one
+  shape every method has and :func:`jirm.train.fit` runs.
+* :func:`from_objective` (:mod:`jirm.methods.objective`): any composed
+  objective (``erm + sched * irmv1``) with an optax optimizer as a method.
+* :data:`METHODS`: the registry of stateless IRM methods, name -> penalty
+  term and reference. Adding a method here adds it to ``--method=all`` and
+  to the all-methods test.
 """
 
 from __future__ import annotations
@@ -10,11 +17,15 @@ from typing import Optional
 
 from jirm import objectives
 from jirm import schedules
+from jirm.methods.base import (EnvArrays, Method, TrainState, epoch_batch,
+                               forward, reset_at, sample_batch, tree_where)
+from jirm.methods.objective import (from_objective, make_eval_fn,
+                                    make_loss_fn, make_train_step)
 
 
 @dataclasses.dataclass(frozen=True)
-class Method:
-  """A registered method.
+class Entry:
+  """A registered stateless method.
 
   Attributes:
     name: registry key.
@@ -31,21 +42,21 @@ class Method:
 
 METHODS = {
     m.name: m for m in (
-        Method("erm", None, "Vapnik 1992; IRM's ERM baseline"),
-        Method("oracle", None, "ERM on grayscale inputs (IRM oracle)",
+        Entry("erm", None, "Vapnik 1992; IRM's ERM baseline"),
+        Entry("oracle", None, "ERM on grayscale inputs (IRM oracle)",
                oracle=True),
-        Method("irmv1", objectives.irmv1, "Arjovsky et al. 2019"),
-        Method("vrex", objectives.vrex, "Krueger et al. 2021 (V-REx)"),
-        Method("mm_rex", objectives.mm_rex, "Krueger et al. 2021 (MM-REx)"),
-        Method("rvp", objectives.rvp, "IRMBed (Lin et al. 2022)"),
-        Method("irm_tv_l1", objectives.irm_tv_l1, "Lai & Wang, ICML 2024"),
-        Method("bayesian_irm", objectives.bayesian_irm,
+        Entry("irmv1", objectives.irmv1, "Arjovsky et al. 2019"),
+        Entry("vrex", objectives.vrex, "Krueger et al. 2021 (V-REx)"),
+        Entry("mm_rex", objectives.mm_rex, "Krueger et al. 2021 (MM-REx)"),
+        Entry("rvp", objectives.rvp, "IRMBed (Lin et al. 2022)"),
+        Entry("irm_tv_l1", objectives.irm_tv_l1, "Lai & Wang, ICML 2024"),
+        Entry("bayesian_irm", objectives.bayesian_irm,
                "Lin et al., CVPR 2022"),
     )
 }
 
 
-def get(name: str) -> Method:
+def get(name: str) -> Entry:
   """Looks up a method, with a helpful error."""
   if name not in METHODS:
     raise ValueError(f"unknown method {name!r}; choose one of "

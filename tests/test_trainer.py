@@ -1,0 +1,162 @@
+"""The method protocol and the one trainer: a method written outside jirm
+runs through jirm.fit with checkpoints, both runners and the divergence
+checks; nothing below the trainer imports it."""
+
+import ast
+import pathlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jirm
+from jirm import train as train_lib
+from jirm.methods import base
+
+
+@pytest.fixture(scope="module")
+def splits(synthetic_mnist):
+  return jirm.data.colored_mnist(0, data_num=600, mnist=synthetic_mnist)
+
+
+class EMAState(NamedTuple):
+  step: jax.Array
+  params: Any
+  ema: Any          # Method extra: an exponential moving average.
+  opt_state: Any
+  rng: jax.Array    # Nested key leaf: checkpointed as key data.
+
+
+def ema_method(model, optimizer, decay=0.5):
+  """A stateful method in about twenty lines: ERM whose prediction is the
+  EMA of the parameters (Polyak averaging)."""
+  loss_fn = jirm.methods.make_loss_fn(model.apply, jirm.erm * 1.0)
+
+  def init(rng, data):
+    k_init, k_run = jax.random.split(rng)
+    params = model.init(k_init, data.x[0, :1])
+    return EMAState(jnp.zeros((), jnp.int32), params, params,
+                    optimizer.init(params), {"run": k_run})
+
+  def update(state, data):
+    batch = base.sample_batch(
+        data, jax.random.fold_in(state.rng["run"], state.step), 16)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch,
+                                                     None, state.step)
+    upd, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, upd)
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema,
+                       params)
+    return state._replace(step=state.step + 1, params=params, ema=ema,
+                          opt_state=opt_state), metrics
+
+  def predict(state, x_NX):
+    return model.apply(state.ema, x_NX)
+
+  return jirm.Method(init, update, predict)
+
+
+def _assert_same(a, b, rtol=1e-6):
+  assert a.selections == b.selections
+  assert sorted(a.history) == sorted(b.history)
+  for key in a.history:
+    np.testing.assert_allclose(a.history[key], b.history[key], rtol=rtol,
+                               atol=1e-7, err_msg=key)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol,
+                                                       atol=1e-7),
+               a.params, b.params)
+
+
+def test_own_method_resumes_from_checkpoint_exactly(splits, tmp_path):
+  method = ema_method(jirm.models.mlp(8), optax.adam(1e-2))
+  full = jirm.fit(splits, method, steps=6, eval_every=2)
+  ckpt = str(tmp_path / "ckpt")
+  jirm.fit(splits, method, steps=4, eval_every=2, checkpoint_dir=ckpt,
+           checkpoint_every=2)
+  resumed = jirm.fit(splits, method, steps=6, eval_every=2,
+                     checkpoint_dir=ckpt, checkpoint_every=2)
+  _assert_same(full, resumed, rtol=0)
+  # The extras are in the state, and predict used them: EMA != params.
+  ema, params = full.state.ema, full.state.params
+  assert not all(np.allclose(e, p) for e, p in zip(jax.tree.leaves(ema),
+                                                  jax.tree.leaves(params)))
+
+
+def test_scan_runner_equals_host_loop(splits):
+  sched = jirm.schedules.preset("irm", weight=100.0, anneal=3)
+  method = jirm.from_objective(jirm.models.mlp(8),
+                               jirm.erm + sched * jirm.irmv1,
+                               optax.adam(1e-2))
+  host = jirm.fit(splits, method, steps=8, eval_every=2)
+  scan = jirm.fit(splits, method, steps=8, eval_every=2, runner="scan")
+  _assert_same(host, scan, rtol=1e-5)
+  assert list(host.history["step"]) == [2, 4, 6, 8]
+
+
+def test_notebook_form_is_from_objective(splits):
+  kw = dict(steps=4, eval_every=2, seed=3)
+  obj = jirm.erm + 10.0 * jirm.vrex
+  a = jirm.fit(splits, model=jirm.models.mlp(8), objective=obj,
+               optimizer=optax.sgd(0.1), batch_size=32, **kw)
+  b = jirm.fit(splits, jirm.from_objective(jirm.models.mlp(8), obj,
+                                           optax.sgd(0.1), batch_size=32),
+               **kw)
+  _assert_same(a, b, rtol=0)
+
+
+@pytest.mark.parametrize("runner", ["host", "scan"])
+def test_overflowed_adam_moment_is_divergence_not_a_frozen_run(splits, runner):
+  # 1e30 * ||theta||^2 is finite in float32, its gradient squared (Adam's
+  # second moment) is not: the update is then 0 and training would freeze
+  # with finite metrics.
+  method = jirm.from_objective(jirm.models.mlp(8),
+                               jirm.erm + 1e30 * jirm.l2, optax.adam(1e-3))
+  with pytest.raises(train_lib.DivergenceError,
+                     match=r"state leaf .*nu.* after the update at step 0 "):
+    jirm.fit(splits, method, steps=4, eval_every=2, runner=runner)
+
+
+def test_nan_metric_names_step_and_term(splits):
+  sched = jirm.schedules.PenaltySchedule(weight=float("nan"), anneal=2,
+                                           before=0.0, name="nan")
+  method = jirm.from_objective(jirm.models.mlp(8),
+                               jirm.erm + sched * jirm.irmv1,
+                               optax.sgd(0.1))
+  with pytest.raises(train_lib.DivergenceError, match=r"at step 2\b"):
+    jirm.fit(splits, method, steps=4, eval_every=4)
+
+
+def test_fit_rejects_mixed_forms(splits):
+  method = ema_method(jirm.models.mlp(8), optax.sgd(0.1))
+  with pytest.raises(ValueError, match="optimizer: these build a method"):
+    jirm.fit(splits, method, steps=2, optimizer=optax.sgd(0.1))
+  with pytest.raises(ValueError, match=r"missing: optimizer"):
+    jirm.fit(splits, steps=2, model=jirm.models.mlp(8), objective=jirm.erm)
+  with pytest.raises(ValueError, match="runner='scan'"):
+    jirm.fit(splits, method, steps=5, eval_every=2, runner="scan")
+  with pytest.raises(ValueError, match="runner='loop'"):
+    jirm.fit(splits, method, steps=2, runner="loop")
+
+
+_BELOW_THE_TRAINER = ("methods/base.py", "methods/objective.py",
+                      "methods/__init__.py", "deep.py", "ipg.py",
+                      "irm_games.py", "sparse.py", "irm_tv.py", "masks.py",
+                      "objectives.py", "schedules.py", "models.py",
+                      "resnet.py")
+
+
+@pytest.mark.parametrize("name", _BELOW_THE_TRAINER)
+def test_methods_do_not_import_the_trainer_at_module_level(name):
+  path = pathlib.Path(jirm.__file__).parent / name
+  tree = ast.parse(path.read_text())
+  imported = []
+  for node in tree.body:  # Module level only (shims import inside fit).
+    if isinstance(node, ast.ImportFrom) and node.module:
+      imported += [f"{node.module}.{a.name}" for a in node.names]
+    elif isinstance(node, ast.Import):
+      imported += [a.name for a in node.names]
+  assert not [m for m in imported if m in ("jirm.train", "jirm.sweep")
+              or m.startswith(("jirm.train.", "jirm.sweep."))], imported
