@@ -2,7 +2,7 @@
 
 Every stateless method of the IRM family (ERM, IRMv1, REx, RVP, IRM-TV-l1,
 BayesianIRM, any composition ``erm + sched * irmv1 + ...``) is one objective
-and one optimizer; :func:`from_objective` makes it a :class:`Method`. The
+and one optimizer; :func:`from_objective` makes it a :class:`jirm.methods.Method`. The
 update does one forward pass over all environments (``[E, B, ...]`` is
 reshaped to ``[E*B, ...]``), evaluates the objective on the per-environment
 outputs, and applies an optax update. A schedule's optimizer reset
@@ -111,7 +111,7 @@ def from_objective(model, objective: objectives.Objective,
                    task: str = "binary", batch_size: Optional[int] = None,
                    reset_step: Optional[int] = None, init_params=None,
                    **deep_kwargs) -> base.Method:
-  """A penalty objective and an optimizer as a :class:`Method`.
+  """A penalty objective and an optimizer as a :class:`jirm.methods.Method`.
 
   Args:
     model: a Flax module (``init(rng, x)``, ``apply(params, x)``, e.g.
@@ -131,8 +131,9 @@ def from_objective(model, objective: objectives.Objective,
       (deep models only).
 
   Returns:
-    A :class:`Method` whose state is a :class:`TrainState` (a
-    :class:`jirm.deep.DeepState` for deep models).
+    A :class:`jirm.methods.Method` whose state is a
+    :class:`jirm.methods.TrainState` (a :class:`jirm.deep.DeepState` for
+    deep models).
 
   Example:
     >>> method = from_objective(jirm.models.mlp(390),
