@@ -9,8 +9,8 @@ paper recipe (25k synthetic samples per env, H = 390, full batch), in
 interleaved rounds (machine load affects them alike); the printed ratio is
 median(fit) / median(bare loop) from one run. Target (issue 18): within 5%.
 The script uses only names that older versions have too, so
-``PYTHONPATH=<old checkout> python -m benchmarks.trainer_overhead`` times an
-older trainer the same way.
+``cd <old checkout> && python <this file>`` times an older trainer the same
+way (the script's directory, not the checkout, is then first on the path).
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def main(argv):
   from jirm import runtime  # pylint: disable=g-import-not-at-top
   from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
   runtime.configure_cpu()
-  mnist = jirm.data.synthetic_mnist(num_train=2 * FLAGS.n_per_env,
-                                    num_test=FLAGS.n_per_env // 2, seed=0)
+  mnist = jirm.data.synthetic_mnist(  # The rest of the train split: test.
+      num_train=2 * FLAGS.n_per_env + FLAGS.n_per_env // 2,
+      num_test=FLAGS.n_per_env // 2, seed=0)
   splits = jirm.data.colored_mnist(seed=0, mnist=mnist,
                                    data_num=2 * FLAGS.n_per_env)
   sched = jirm.schedules.preset("irm", weight=91257.19, anneal=190)

@@ -544,7 +544,7 @@ def make_step(model: DeepModel, objective: objectives.Objective,
               optimizer: optax.GradientTransformation, *, batch_size: int,
               task: str = "binary", game: Optional[Game] = None,
               anneal_step: int = 0, head_update: str = "total",
-              transform: str = "none"):
+              transform: str = "none", reset_step: Optional[int] = None):
   """Builds ``step(state, data) -> (state, aux)`` for a deep model.
 
   One forward pass over a balanced batch (``batch_size`` per env, an epoch
@@ -568,6 +568,9 @@ def make_step(model: DeepModel, objective: objectives.Objective,
       game's inner loop, from step 0: IRMGame).
     transform: ``'none'`` (native inputs) or ``'irmbed'``
       (:func:`irmbed_transform`, 224x224 crops).
+    reset_step: re-initialise the optimizer state at this step (defaults to
+      the objective's schedule's ``reset_step``: DomainBed's Adam reset at
+      the anneal step, as :func:`jirm.methods.make_train_step` does).
 
   Returns:
     The step function (jit it with ``donate_argnums=0``).
@@ -579,6 +582,9 @@ def make_step(model: DeepModel, objective: objectives.Objective,
                      f"{HEAD_UPDATES}.")
   if head_update == "inner" and game is None:
     raise ValueError("head_update='inner' needs a game that trains the head.")
+  sched = objective.schedule()
+  if reset_step is None and sched is not None:
+    reset_step = sched.reset_step
 
   def loss_fn(params, state: DeepState, batch, rng):
     feats, logits, new_bs = _forward(model, params, state.batch_stats,
@@ -624,8 +630,9 @@ def make_step(model: DeepModel, objective: objectives.Objective,
     elif head_update in ("frozen", "inner"):
       keep = jnp.logical_not(after) if head_update == "frozen" else False
       grads["head"] = jax.tree.map(lambda g: g * keep, grads["head"])
-    updates, opt_state = optimizer.update(grads, state.opt_state,
-                                          state.params)
+    opt_state = base.reset_at(optimizer, state.opt_state, state.params,
+                              state.step, reset_step)
+    updates, opt_state = optimizer.update(grads, opt_state, state.params)
     if head_update in ("frozen", "inner"):
       updates["head"] = jax.tree.map(lambda u: u * keep, updates["head"])
     params = optax.apply_updates(state.params, updates)
@@ -642,7 +649,7 @@ def deep_method(model: DeepModel, objective: objectives.Objective,
                 batch_size: Optional[int], task: str = "binary",
                 game: Optional[Game] = None, anneal_step: int = 0,
                 head_update: str = "total", transform: str = "none",
-                init_params=None,
+                init_params=None, reset_step: Optional[int] = None,
                 step_factory: Optional[Callable] = None) -> base.Method:
   """A deep model's objective (and optional :class:`Game`) as a
   :class:`jirm.methods.Method`; run it with :func:`jirm.fit`.
@@ -658,6 +665,8 @@ def deep_method(model: DeepModel, objective: objectives.Objective,
     init_params: optional ``(params, batch_stats)`` to start from (e.g. a
       converted torchvision checkpoint, :mod:`jirm.convert`); the head is
       re-initialised.
+    reset_step: re-initialise the optimizer here (default: the schedule's,
+      e.g. ``domainbed``'s Adam reset at the anneal step).
     step_factory: builds the update with :func:`make_step`'s signature
       (default :func:`make_step`; e.g. :func:`jirm.ipg.deep_step_factory`).
 
@@ -676,10 +685,11 @@ def deep_method(model: DeepModel, objective: objectives.Objective,
   if batch_size is None or batch_size < 1:
     raise ValueError(f"batch_size={batch_size!r}: deep models train on "
                      f"minibatches; pass a positive batch size per env.")
+  kw = {} if reset_step is None else dict(reset_step=reset_step)
   update = (step_factory or make_step)(
       model, objective, optimizer, batch_size=batch_size, task=task,
       game=game, anneal_step=anneal_step, head_update=head_update,
-      transform=transform)
+      transform=transform, **kw)
 
   def init(rng, data: base.EnvArrays) -> DeepState:
     k_init, k_game, k_train = jax.random.split(rng, 3)

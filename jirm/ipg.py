@@ -436,9 +436,14 @@ def deep_step_factory(pairs: Pairs, *, threshold: float = 2e-6,
 
   def factory(model, objective, optimizer, *, batch_size, task="binary",
               game=None, anneal_step=0, head_update="total",
-              transform="none"):
+              transform="none", reset_step=None):
     del anneal_step
     objective = _as_objective(objective)
+    sched = objective.schedule()
+    if reset_step is not None or (sched is not None and sched.reset_step):
+      raise ValueError("IPG does not support schedules that reset the "
+                       "optimizer (domainbed); use the 'irm' or 'lin' "
+                       "preset.")
     if head_update != "total" or transform != "none":
       raise ValueError("IPG's deep step takes head_update='total' and "
                        "transform='none'.")

@@ -14,6 +14,7 @@ from jirm import data
 from jirm import deep
 from jirm import objectives as O
 from jirm import resnet
+from jirm import schedules
 from jirm import train as train_lib
 
 
@@ -586,3 +587,22 @@ def test_frozen_head_does_not_move_after_anneal():
                                    jax.tree.leaves(s.params["head"])])
   assert not np.allclose(head(state), head(s1))
   np.testing.assert_array_equal(head(s1), head(s2))
+
+
+@pytest.mark.parametrize("preset,count", [("domainbed", 1), ("irm", 3)])
+def test_domainbed_schedule_resets_adam_on_deep_models(preset, count):
+  # Intended change of the one-trainer rebuild: deep.make_step used to drop
+  # the schedule's optimizer reset (the ResNet path never called reset_at).
+  # Reset at the anneal step 2: after 3 updates Adam has counted 1 step.
+  model = deep.deep_model("tiny")
+  sched = schedules.preset(preset, weight=10.0, anneal=2)
+  obj = O.erm(reduction="pooled") + sched * O.irmv1(variant="split_perm")
+  opt = optax.adam(1e-3)
+  batch = _tiny_batch(b=16)
+  params, stats = model.init(jax.random.key(0), batch.x[0, :1])
+  state = deep.DeepState(jnp.zeros((), jnp.int32), params, stats,
+                         opt.init(params), (), jax.random.key(0))
+  step = jax.jit(deep.make_step(model, obj, opt, batch_size=8))
+  for _ in range(3):
+    state, _ = step(state, batch)
+  assert int(state.opt_state[0].count) == count

@@ -124,8 +124,7 @@ def from_objective(model, objective: objectives.Objective,
     batch_size: samples per environment per update, drawn with
       replacement; None = the full batch. (Deep models draw an epoch
       permutation instead and need it.)
-    reset_step: re-initialise the optimizer here (default: the schedule's;
-      Flax modules only: the deep-model update does not reset it yet).
+    reset_step: re-initialise the optimizer here (default: the schedule's).
     init_params: start from these parameters instead of a fresh init.
     **deep_kwargs: game, anneal_step, head_update, transform, step_factory
       (deep models only).
@@ -144,13 +143,9 @@ def from_objective(model, objective: objectives.Objective,
   objective = _as_objective(objective)
   from jirm import deep  # pylint: disable=g-import-not-at-top
   if isinstance(model, deep.DeepModel):
-    if reset_step is not None:
-      raise ValueError(f"reset_step={reset_step!r}: the optimizer reset is "
-                       f"implemented for Flax modules only; drop it for "
-                       f"deep models.")
     return deep.deep_method(model, objective, optimizer, task=task,
                             batch_size=batch_size, init_params=init_params,
-                            **deep_kwargs)
+                            reset_step=reset_step, **deep_kwargs)
   if deep_kwargs:
     raise ValueError(f"{sorted(deep_kwargs)}: options of deep models "
                      f"(jirm.deep.DeepModel); {type(model).__name__} takes "
