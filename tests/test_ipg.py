@@ -145,24 +145,27 @@ def test_two_step_update_equals_two_manual_optax_steps(threshold):
     logits = model.apply(params, data.x.reshape(32, 6)).reshape(2, 16, 1)
     return objective(jirm.Outputs(logits, data.y, data.valid, params))[0]
 
-  g_d = jax.grad(dist)(state.params)
+  # Jitted: eager op-by-op dispatch compiles every small op separately.
+  dist, loss = jax.jit(dist), jax.jit(loss)
+  g_d = jax.jit(jax.grad(dist))(state.params)
   # Precondition: Adam's first step g / (|g| + eps) is well conditioned for
   # every parameter the distance reads (the head bias is not read: its
   # gradient is a structural 0 on every CPU).
   read = dict(g_d["params"], head={"kernel": g_d["params"]["head"]["kernel"]})
   smallest = min(float(jnp.abs(g).min()) for g in jax.tree.leaves(read))
   assert smallest > 1e4 * 1e-8, smallest
-  upd, opt_state = opt.update(g_d, state.opt_state, state.params)
-  p1 = optax.apply_updates(state.params, upd)
-  g_l = jax.grad(loss)(p1)
-  c = ipg.symmetric_kl(model.apply(p1, px[:, 0]), model.apply(p1, px[:, 1]))
+  adam_step = jax.jit(lambda g, s, p: (lambda u: (optax.apply_updates(
+      p, u[0]), u[1]))(opt.update(g, s, p)))
+  p1, opt_state = adam_step(g_d, state.opt_state, state.params)
+  g_l = jax.jit(jax.grad(loss))(p1)
+  c = jax.jit(lambda p: ipg.symmetric_kl(model.apply(p, px[:, 0]),
+                                         model.apply(p, px[:, 1])))(p1)
   gated = float(c) > threshold
   assert bool(aux["ipg_gated"]) == gated
   if gated:   # Rescaled to alpha * ||g_d||.
     s = 0.5 * optax.global_norm(g_d) / optax.global_norm(g_l)
     g_l = jax.tree.map(lambda g: g * s, g_l)
-  upd, opt_state = opt.update(g_l, opt_state, p1)
-  p2 = optax.apply_updates(p1, upd)
+  p2, opt_state = adam_step(g_l, opt_state, p1)
   for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(p2)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
   np.testing.assert_allclose(aux["ipg_d"], dist(state.params), rtol=1e-5)

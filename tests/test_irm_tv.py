@@ -167,7 +167,7 @@ def test_lambda_net_gets_gradient_through_the_classifier(small):
   lam_params["params"]["Dense_0"]["kernel"] = jnp.abs(
       lam_params["params"]["Dense_0"]["kernel"]) * jnp.sign(theta)[:, None]
   step = jnp.int32(5)
-  grad = lambda fn: jax.grad(fn, argnums=(0, 1), has_aux=True)
+  grad = lambda fn: jax.jit(jax.grad(fn, argnums=(0, 1), has_aux=True))
   (g_theta, g_lam), aux = grad(method.loss)(state.params, lam_params,
                                             batch.envs, batch, step)
   lam = irm_tv.LambdaNet(3).apply
@@ -184,8 +184,9 @@ def test_lambda_net_gets_gradient_through_the_classifier(small):
     total, _ = (jirm.erm(reduction="pooled") + 1e-3 * jirm.l2)(out)
     return total + 200.0 * lam_const * jirm.irm_tv_l1.value(out)
 
-  g_no_path = jax.grad(no_path)(state.params)
-  g_lam_path = jax.grad(lambda p: lam(lam_params, flat(p)))(state.params)
+  g_no_path = jax.jit(jax.grad(no_path))(state.params)
+  g_lam_path = jax.jit(jax.grad(lambda p: lam(lam_params, flat(p))))(
+      state.params)
   pen = float(aux["penalty"])
   for a, b, c in zip(jax.tree.leaves(g_theta), jax.tree.leaves(g_no_path),
                      jax.tree.leaves(g_lam_path)):
@@ -209,8 +210,10 @@ def test_lambda_net_ascent_step_is_normalised_and_decays(small):
     state = new
   for k in (1, 2, 3):  # k-th ascent step: lr / (k^p ||g||) * g.
     w = method.weights(state, batch)
-    (_, g), _ = jax.grad(method.loss, argnums=(0, 1), has_aux=True)(
-        state.params, state.lam_params, w, batch, state.step)
+    (_, g), _ = jax.jit(jax.grad(method.loss, argnums=(0, 1),
+                                 has_aux=True))(
+                                     state.params, state.lam_params, w, batch,
+                                     state.step)
     norm = float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g))))
     new, _ = update(state, batch)
     moved = jax.tree.map(lambda a, b: a - b, new.lam_params, state.lam_params)

@@ -181,7 +181,7 @@ def test_sparse_fit_runs_and_irm_gradient_reaches_scores(synthetic_mnist):
     out = jirm.Outputs(logits, arrays.y, arrays.valid, params)
     return jirm.irmv1(variant="env_scale").value(out)
 
-  g = jax.grad(penalty_only)(scores)
+  g = jax.jit(jax.grad(penalty_only))(scores)
   assert all(float(jnp.abs(v).sum()) > 0 for v in g.values())
   res = sparse.fit(splits, model=model, objective=objective, steps=12,
                    keep_target=0.6, eval_every=4)

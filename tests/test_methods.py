@@ -76,8 +76,8 @@ def test_three_steps_and_penalty_reaches_encoder(datasets, dataset, name):
         logits, train.y, train.valid, params, jax.random.key(0),
         splits.task))
 
-  assert np.isfinite(float(penalty_only(params)))
-  grads = jax.grad(penalty_only)(params)
+  value, grads = jax.jit(jax.value_and_grad(penalty_only))(params)
+  assert np.isfinite(float(value))
   enc = grads["params"]["hidden_0"]["kernel"]
   assert float(jnp.abs(enc).max()) > 0.0
 
