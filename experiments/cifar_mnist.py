@@ -141,7 +141,8 @@ def run_restart(config, seed, checkpoint_dir=None, data_dir=None,
                  optimizer=optimizer, seed=seed, progress=progress,
                  desc=f"{config.method} seed {seed}",
                  checkpoint_dir=checkpoint_dir,
-                 checkpoint_every=config.checkpoint_every, **fit_kw)
+                 checkpoint_every=config.checkpoint_every,
+                 metrics_dir=common.metrics_dir_for(checkpoint_dir), **fit_kw)
   desc = objective.describe()
   if config.method == "ipg":
     from jirm import ipg  # pylint: disable=g-import-not-at-top

@@ -122,6 +122,7 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
         eval_every=config.eval_every, progress=progress,
         desc=f"{config.method} seed {seed}", checkpoint_dir=checkpoint_dir,
         checkpoint_every=config.checkpoint_every,
+        metrics_dir=common.metrics_dir_for(checkpoint_dir),
         hidden_dim=config.hidden_dim, depth=config.depth, lr=config.lr,
         rep_lr_scale=g.rep_lr_scale, batch_size=config.batch_size or None)
     return common.records_from_fit(res, config, seed,
@@ -168,7 +169,8 @@ def _run_ipg(config, seed, data_dir, progress, mnist, checkpoint_dir, t0):
                 batch_size=config.batch_size or None,
                 eval_every=config.eval_every, progress=progress,
                 desc=f"ipg seed {seed}", checkpoint_dir=checkpoint_dir,
-                checkpoint_every=config.checkpoint_every)
+                checkpoint_every=config.checkpoint_every,
+                metrics_dir=common.metrics_dir_for(checkpoint_dir))
   records = common.records_from_fit(
       res, config, seed,
       ipg.describe(objective, threshold=p.threshold, alpha=p.alpha,

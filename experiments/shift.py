@@ -122,7 +122,8 @@ def run_restart(config, seed, checkpoint_dir=None, data_dir=None,
                  eval_train_max=config.eval_train_max or None,
                  progress=progress, desc=f"{config.method} seed {seed}",
                  checkpoint_dir=checkpoint_dir,
-                 checkpoint_every=config.checkpoint_every)
+                 checkpoint_every=config.checkpoint_every,
+                 metrics_dir=common.metrics_dir_for(checkpoint_dir))
   return common.records_from_fit(
       res, config, seed, objective.describe(), splits.info,
       time.time() - t0, dataset=config.dataset, batch_size=batch,

@@ -125,6 +125,7 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
   objective = build_objective(config)
   desc = f"{config.method} h{config.hidden_dim} seed {seed}"
   common_kw = dict(eval_every=config.eval_every, progress=progress, desc=desc)
+  tensorboard = common.metrics_dir_for(checkpoint_dir)
   batch = config.batch_size or None
   if config.method in ("sparse_irm", "sparse_erm"):
     res = sparse.fit(
@@ -133,7 +134,8 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
         weight_opt=optax.adam(config.lr), score_opt=score_optimizer(config),
         score_start=config.score_start, budget_end=config.budget_end,
         batch_size=batch, checkpoint_dir=checkpoint_dir,
-        checkpoint_every=config.checkpoint_every, **common_kw)
+        checkpoint_every=config.checkpoint_every, metrics_dir=tensorboard,
+        **common_kw)
     density = float(res.history["density"][-1])
   elif config.method == "mrm":
     m = config.mrm
@@ -147,7 +149,8 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
     res = jirm.fit(splits, model=model, objective=objective,
                    optimizer=optax.adam(config.lr), steps=config.steps,
                    seed=seed, batch_size=batch, checkpoint_dir=checkpoint_dir,
-                   checkpoint_every=config.checkpoint_every, **common_kw)
+                   checkpoint_every=config.checkpoint_every,
+                   metrics_dir=tensorboard, **common_kw)
     density = 1.0
   if checkpoint_dir is not None:  # Final weights (and mask) for ablations.
     _save_params(checkpoint_dir, res.params)

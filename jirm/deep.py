@@ -722,7 +722,7 @@ def fit(splits: data_lib.EnvSplits, *, model: DeepModel,
         progress: bool = False, desc: str = "",
         checkpoint_dir: Optional[str] = None,
         checkpoint_every: int = 200,
-        step_factory: Callable = None):
+        step_factory: Callable = None, metrics_dir: Optional[str] = None):
   """Kept for existing callers: :func:`jirm.fit` of :func:`deep_method`.
 
   Equivalent to ``jirm.fit(splits, deep_method(model, objective, optimizer,
@@ -743,4 +743,5 @@ def fit(splits: data_lib.EnvSplits, *, model: DeepModel,
       splits, method, steps=steps, seed=seed, eval_every=eval_every,
       eval_chunk=100 if transform == "irmbed" else 500,
       eval_train_max=eval_train_max, progress=progress, desc=desc,
-      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+      metrics_dir=metrics_dir)

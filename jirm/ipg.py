@@ -390,7 +390,7 @@ def fit(splits: data_lib.EnvSplits, *, model, pairs: Pairs,
         batch_size: Optional[int] = None, eval_every: int = 10,
         progress: bool = False, desc: str = "",
         checkpoint_dir: Optional[str] = None,
-        checkpoint_every: int = 100):
+        checkpoint_every: int = 100, metrics_dir: Optional[str] = None):
   """Kept for existing callers: ``jirm.fit(splits, ipg(model=..., ...,
   task=splits.task), steps=..., seed=..., eval_every=...)``."""
   from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
@@ -405,7 +405,8 @@ def fit(splits: data_lib.EnvSplits, *, model, pairs: Pairs,
   return train_lib.fit(splits, method, steps=steps, seed=seed,
                        eval_every=eval_every, progress=progress, desc=desc,
                        checkpoint_dir=checkpoint_dir,
-                       checkpoint_every=checkpoint_every)
+                       checkpoint_every=checkpoint_every,
+                       metrics_dir=metrics_dir)
 
 
 def deep_head_kernel(params):

@@ -162,7 +162,7 @@ def fit(splits: data_lib.EnvSplits, *, variant: str = "f", steps: int = 3000,
         seed: int = 0, warm_start: int = 1000, threshold: float = 0.6,
         eval_every: int = 50, progress: bool = False, desc: str = "",
         checkpoint_dir: Optional[str] = None, checkpoint_every: int = 500,
-        **game_kwargs):
+        metrics_dir: Optional[str] = None, **game_kwargs):
   """Plays the game on ``splits`` and evaluates the ensemble.
 
   Args:
@@ -172,8 +172,8 @@ def fit(splits: data_lib.EnvSplits, *, variant: str = "f", steps: int = 3000,
     seed: initialisation and batch sampling.
     warm_start: steps before the termination rule applies.
     threshold: termination when the ensemble's train accuracy drops below it.
-    eval_every, progress, desc, checkpoint_dir, checkpoint_every: as
-      :func:`jirm.train.fit`.
+    eval_every, progress, desc, checkpoint_dir, checkpoint_every,
+      metrics_dir: as :func:`jirm.train.fit`.
     **game_kwargs: passed to :func:`irm_game`.
 
   Returns:
@@ -186,7 +186,8 @@ def fit(splits: data_lib.EnvSplits, *, variant: str = "f", steps: int = 3000,
                       steps=steps, seed=seed, eval_every=eval_every,
                       progress=progress, desc=desc,
                       checkpoint_dir=checkpoint_dir,
-                      checkpoint_every=checkpoint_every)
+                      checkpoint_every=checkpoint_every,
+                      metrics_dir=metrics_dir)
   history, env_names = res.history, res.env_names
   selections = res.selections
   train_acc = history["train_acc_E"].mean(1)

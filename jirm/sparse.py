@@ -210,7 +210,7 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
         batch_size: Optional[int] = None, eval_every: int = 10,
         init_params=None, progress: bool = False, desc: str = "",
         checkpoint_dir: Optional[str] = None,
-        checkpoint_every: int = 100):
+        checkpoint_every: int = 100, metrics_dir: Optional[str] = None):
   """Kept for existing callers: ``jirm.fit(splits, sparse_method(model,
   objective, steps=..., keep_target=..., task=splits.task,
   steps_per_epoch=min_e n_e // batch_size, ...), steps=..., seed=...)``;
@@ -227,7 +227,8 @@ def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
   return train_lib.fit(splits, method, steps=steps, seed=seed,
                        eval_every=eval_every, progress=progress, desc=desc,
                        checkpoint_dir=checkpoint_dir,
-                       checkpoint_every=checkpoint_every)
+                       checkpoint_every=checkpoint_every,
+                       metrics_dir=metrics_dir)
 
 
 def fit_mrm(splits: data_lib.EnvSplits, *, model,

@@ -105,6 +105,10 @@ def test_cifar_mnist_quick_run_grid_and_resume(tmp_path):
     assert r["data"]["train_sizes"] == [90, 90]
   inv = [r for r in last if r["method"] == "invrat_ec_h"][0]
   assert inv["head_update"] == "frozen" and "invrat" in inv["objective"]
+  # The deep methods write TensorBoard through the one trainer too.
+  events = os.listdir(os.path.join(out, "tensorboard",
+                                   "invrat_ec_h-quick-tiny-2env-seed0"))
+  assert any(e.startswith("events.out.tfevents") for e in events), events
   summary = open(os.path.join(out, "summary.md")).read()
   assert "| invrat_eb[embed_dim=8] | quick | last | 1 |" in summary
   # Resume: nothing new to run.
