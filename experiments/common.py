@@ -131,6 +131,15 @@ def _get(config, dotted):
   return config
 
 
+def diverged_record(config, seed, reason, **extra):
+  """The one record of a restart or trial whose training diverged: no
+  metrics (so no table or selection rule reads it), the reason, the config.
+  """
+  return dict(method=config.method, preset=config.preset, seed=seed,
+              selection=None, status="diverged", reason=reason,
+              config=config.to_dict(), **extra)
+
+
 def records_from_fit(res, config, seed, objective, info, wall, **extra):
   """One record per selection rule of a :class:`jirm.train.FitResult`."""
   h = res.history

@@ -48,6 +48,7 @@ from experiments import common
 from experiments import hparams_registry
 from jirm import launch
 from jirm import results as results_lib
+from jirm import train as train_lib
 
 EXPERIMENTS = ("colored_mnist", "irm_tv", "sparse_irm", "cifar_mnist")
 RULES = ("last", "train_domain_val", "oracle")
@@ -157,7 +158,11 @@ def run_trial(work_dir, trial, mnist=None):
     kw["data_dir"] = trial.get("data_dir")
   if mnist is not None and "mnist" in params:
     kw["mnist"] = mnist
-  records = mod.run_restart(_config_of(trial), trial["seed"], **kw)
+  config = _config_of(trial)
+  try:
+    records = mod.run_restart(config, trial["seed"], **kw)
+  except train_lib.DivergenceError as e:  # Recorded; the sweep goes on.
+    records = [common.diverged_record(config, trial["seed"], str(e))]
   launch.write_result(work_dir, trial, _tag(records, trial))
   return trial["id"]
 
@@ -192,32 +197,42 @@ def run_vmap(work_dir, trials, trials_per_call=None, mnist=None,
     configs_ = [_config_of(t) for t in group]
     hps = {k: [float(c[k]) for c in configs_]
            for k in hparams_registry.TRACEABLE}
-    results = _fit_trials(splits_fn, config, objective_fn, hps,
-                          [t["seed"] for t in group], trials_per_call,
-                          progress)
-    wall = (time.time() - t0) / len(group)
     info = splits_fn(group[0]["seed"]).info  # Same recipe; only the seed
-    for t, c, res in zip(group, configs_, results):  # differs per trial.
-      obj = objective_fn({k: c[k] for k in hparams_registry.TRACEABLE})
-      records = common.records_from_fit(res, c, t["seed"], obj.describe(),
-                                        dict(info, seed=t["seed"]), wall,
-                                        backend="vmap")
+    # differs per trial. Each trial's records are written as soon as its
+    # chunk has finished.
+
+    def persist(i, res, group=group, configs_=configs_, t0=t0, info=info):
+      t, c = group[i], configs_[i]
+      if res.diverged is not None:
+        records = [common.diverged_record(c, t["seed"], res.diverged,
+                                          backend="vmap")]
+      else:
+        obj = objective_fn({k: c[k] for k in hparams_registry.TRACEABLE})
+        records = common.records_from_fit(
+            res, c, t["seed"], obj.describe(), dict(info, seed=t["seed"]),
+            (time.time() - t0) / (i + 1), backend="vmap")
       launch.write_result(work_dir, t, _tag(records, t))
+
+    _fit_trials(splits_fn, config, objective_fn, hps,
+                [t["seed"] for t in group], trials_per_call, progress,
+                persist)
 
 
 def _fit_trials(splits_fn, config, objective_fn, hps, seeds, trials_per_call,
-                progress):
+                progress, on_result):
   """fit_sweep over explicit (hparams, seed) pairs (not a product)."""
   import optax  # pylint: disable=g-import-not-at-top
   import jirm  # pylint: disable=g-import-not-at-top
   from jirm import sweep  # pylint: disable=g-import-not-at-top
+  model = jirm.models.mlp(config.hidden_dim, config.depth)
+  method_fn = lambda hp: jirm.from_objective(
+      model, objective_fn(hp), optax.adam(hp["lr"]), task="binary",
+      batch_size=config.batch_size or None)
   return sweep.fit_sweep(
-      splits_fn, model=jirm.models.mlp(config.hidden_dim, config.depth),
-      objective_fn=objective_fn,
-      optimizer_fn=lambda hp: optax.adam(hp["lr"]), hparams=hps,
-      seeds=seeds, pair=True, steps=config.steps,
-      eval_every=config.eval_every, batch_size=config.batch_size or None,
-      trials_per_call=trials_per_call or None, progress=progress)
+      splits_fn, method_fn, hparams=hps, seeds=seeds, pair=True,
+      steps=config.steps, eval_every=config.eval_every,
+      trials_per_call=trials_per_call or None, progress=progress,
+      on_result=on_result)
 
 
 def collect(work_dir):
@@ -225,6 +240,8 @@ def collect(work_dir):
   records = launch.read_results(work_dir)
   if not records:
     return None
+  failed = [r for r in records if r.get("status") == "diverged"]
+  records = [r for r in records if r.get("status") != "diverged"]
   rows = {}
   for r in records:
     key = (r["method"], r["hparams_id"])
@@ -267,6 +284,15 @@ def collect(work_dir):
       hp = ", ".join(f"{a}={b:g}" for a, b in sorted(v["hparams"].items()))
       lines.append(f"| {m} | {rule} | {hp} | "
                    f"{ms([x['test_acc'] for x in v[rule]])} |")
+  if failed:
+    lines += ["", f"## Failed trials ({len(failed)}; never selected)", "",
+              "| trial | method | hparams | seed | reason |",
+              "|---|---|---|---|---|"]
+    for r in sorted(failed, key=lambda r: r["trial"]):
+      hp = ", ".join(f"{a}={b:g}" for a, b in sorted(r["hparams"].items()))
+      reason = r["reason"].replace("|", "/").replace("\n", " ")
+      lines.append(f"| {r['trial']} | {r['method']} | {hp} | {r['seed']} | "
+                   f"{reason} |")
   walls = [r["wall_s"] for r in records if r["selection"] == "last"]
   lines += ["", f"{len(walls)} trials, {sum(walls):.0f} s of trial wall time "
             f"(backends: {sorted({r.get('backend', 'run_restart') for r in records})})."]

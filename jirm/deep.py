@@ -732,9 +732,7 @@ def fit(splits: data_lib.EnvSplits, *, model: DeepModel,
   batch_stats)``.
   """
   from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
-  if batch_size > min(splits.train.sizes):
-    raise ValueError(f"batch_size={batch_size} exceeds the smallest training "
-                     f"env ({min(splits.train.sizes)} samples); lower it.")
+  train_lib.check_batch_size(batch_size, splits.train)
   method = deep_method(model, objective, optimizer, batch_size=batch_size,
                        task=splits.task, game=game, anneal_step=anneal_step,
                        head_update=head_update, transform=transform,

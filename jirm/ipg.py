@@ -394,10 +394,7 @@ def fit(splits: data_lib.EnvSplits, *, model, pairs: Pairs,
   """Kept for existing callers: ``jirm.fit(splits, ipg(model=..., ...,
   task=splits.task), steps=..., seed=..., eval_every=...)``."""
   from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
-  if batch_size is not None and batch_size > min(splits.train.sizes):
-    raise ValueError(f"batch_size={batch_size} exceeds the smallest training "
-                     f"env ({min(splits.train.sizes)} samples); lower it or "
-                     f"use batch_size=None (full batch).")
+  train_lib.check_batch_size(batch_size, splits.train)
   method = ipg(model=model, objective=objective, optimizer=optimizer,
                pairs=pairs, head_kernel=head_kernel, threshold=threshold,
                alpha=alpha, pair_batch=pair_batch, task=splits.task,

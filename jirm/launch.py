@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -53,7 +52,7 @@ def write_result(work_dir: str, trial: dict, records: Sequence[dict]) -> None:
   its checkpoints."""
   d = trial_dir(work_dir, trial)
   results_lib.atomic_write(os.path.join(d, RESULT), "".join(
-      json.dumps(r, sort_keys=True) + "\n" for r in records))
+      results_lib.dumps(r) + "\n" for r in records))
   shutil.rmtree(os.path.join(d, "checkpoints"), ignore_errors=True)
 
 

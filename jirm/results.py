@@ -35,11 +35,32 @@ def read_jsonl(path: str) -> list:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _strict(value):
+  """JSON-safe copy: NaN/Inf become None, numpy values Python values."""
+  if isinstance(value, dict):
+    return {str(k): _strict(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_strict(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return _strict(value.tolist())
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, float) and not np.isfinite(value):
+    return None
+  return value
+
+
+def dumps(record: dict) -> str:
+  """One record as strict JSON (sorted keys; a non-finite number is written
+  as ``null``, never as the ``NaN``/``Infinity`` tokens most JSON readers
+  reject)."""
+  return json.dumps(_strict(record), sort_keys=True, allow_nan=False)
+
+
 def append_jsonl(path: str, records: Iterable[dict]) -> None:
   """Appends records by atomically rewriting the file (never half-written)."""
   rows = read_jsonl(path) + list(records)
-  atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n"
-                             for r in rows))
+  atomic_write(path, "".join(dumps(r) + "\n" for r in rows))
 
 
 def _pct(values: Sequence[float]) -> str:

@@ -94,89 +94,57 @@ def _num_points(hparams) -> int:
   return next(iter(lengths.values()), 1)
 
 
-def make_run_fn(splits: data_lib.EnvSplits, *, model,
-                objective_fn: Callable[[HParams], objectives.Objective],
-                optimizer_fn: Callable[[HParams], optax.GradientTransformation],
-                steps: int, eval_every: int = 10,
-                batch_size: Optional[int] = None):
-  """``run(hp, seed, train, evals) -> (params, history)`` for one trial: the
-  pure function :func:`fit_sweep` vmaps (exposed for custom drivers).
-
-  ``history`` holds, per evaluation point, ``step``, ``<name>_acc_E`` for each
-  array in ``evals`` and the objective's aux values of the step just taken,
-  exactly as :func:`jirm.train.fit` records them.
-  """
-  if steps < 1 or eval_every < 1:
-    raise ValueError(f"steps={steps!r} and eval_every={eval_every!r} must be "
-                     f">= 1.")
-  task = splits.task
-  eval_fn = train_lib.make_eval_fn(model.apply, task)
-  n_full, rem = divmod(steps, eval_every)
-
-  def run(hp, seed, train, evals):
-    k_init, k_train = jax.random.split(jax.random.key(seed))
-    params = model.init(k_init, train.x[0, :1])
-    optimizer = optimizer_fn(hp)
-    step_fn = train_lib.make_train_step(model.apply, objective_fn(hp),
-                                        optimizer, task=task,
-                                        batch_size=batch_size)
-    state = train_lib.TrainState(jnp.zeros((), jnp.int32), params,
-                                 optimizer.init(params), k_train)
-
-    def advance(state, length):
-      state, aux = jax.lax.scan(lambda s, _: step_fn(s, train), state, None,
-                                length=length)
-      row = {"step": state.step}
-      for name, arrays in evals.items():
-        row[f"{name}_acc_E"] = eval_fn(state.params, arrays)[0]
-      row.update(jax.tree.map(lambda v: v[-1], aux))
-      return state, row
-
-    rows = []
-    if n_full:
-      state, full = jax.lax.scan(lambda s, _: advance(s, eval_every), state,
-                                 None, length=n_full)
-      rows.append(full)
-    if rem:
-      state, last = advance(state, rem)
-      rows.append(jax.tree.map(lambda v: v[None], last))
-    history = jax.tree.map(lambda *r: jnp.concatenate(r), *rows)
-    return state.params, history
-
-  return run
-
-
-def fit_sweep(splits, *, model,
-              objective_fn: Callable[[HParams], objectives.Objective],
-              optimizer_fn: Callable[[HParams], optax.GradientTransformation],
-              hparams: Optional[Mapping[str, Sequence[float]]] = None,
+def fit_sweep(splits, method_fn: Optional[Callable[[HParams], Any]] = None,
+              *, hparams: Optional[Mapping[str, Sequence[float]]] = None,
               seeds=(0,), pair: bool = False, steps: int,
-              eval_every: int = 10,
-              batch_size: Optional[int] = None,
+              eval_every: int = 10, eval_chunk: Optional[int] = None,
               trials_per_call: Optional[int] = None, mesh=None,
-              progress: bool = False) -> list:
+              progress: bool = False,
+              on_result: Optional[Callable[[int, Any], None]] = None,
+              model=None,
+              objective_fn: Optional[Callable[[HParams],
+                                              objectives.Objective]] = None,
+              optimizer_fn: Optional[Callable[
+                  [HParams], optax.GradientTransformation]] = None,
+              batch_size: Optional[int] = None) -> list:
   """Trains every (hyperparameter point, seed) trial in one compiled program.
+
+  Any :class:`jirm.methods.Method` sweeps: ``method_fn(hp)`` builds the
+  method from traced hyperparameters, and :func:`jirm.train.scan_run` (the
+  scan runner under :func:`jirm.fit`) is vmapped over the trials. A trial
+  whose metrics or state become NaN/Inf is recorded as diverged
+  (``FitResult.diverged`` holds the message :func:`jirm.fit` would raise,
+  its history stops before the bad update and it has no selections, so no
+  rule can pick it); the other trials are unaffected.
 
   Args:
     splits: environments (see :mod:`jirm.data`) shared by all trials, or a
       function ``seed -> EnvSplits`` when each restart draws its own data
       (as the experiments do: label noise and colours depend on the seed);
       the per-trial arrays are then stacked on the trial axis too.
-    model: a Flax module.
-    objective_fn: ``hp -> Objective``; ``hp`` maps each name in ``hparams``
-      to a traced float32 scalar.
-    optimizer_fn: ``hp -> optax transformation`` (e.g. ``optax.adam(hp['lr'])``).
+    method_fn: ``hp -> Method``; ``hp`` maps each name in ``hparams`` to a
+      traced float32 scalar, so the factory may only do arithmetic with it
+      (``jirm.schedules.preset``, optax and every jirm factory accept traced
+      values). Structural settings (widths, step counts, the anneal step)
+      are fixed per call. ``method_fn(hp).prepare`` must not depend on
+      ``hp``.
     hparams: name -> values, equal lengths (see :func:`grid`); None = one
       point with no swept hyperparameters.
     seeds: restarts per point; trial order is :func:`trials`.
     pair: trial ``i`` = (point ``i``, ``seeds[i]``) instead of the product.
-    steps, eval_every, batch_size: as in :func:`jirm.train.fit`.
+    steps, eval_every, eval_chunk: as in :func:`jirm.train.fit`.
     trials_per_call: vmap at most this many trials at once (memory bound);
       the trials are run in equal chunks of the same compiled program (the
       last chunk padded by repeating a trial). None = all at once.
     mesh: optional ``jax.sharding.Mesh`` with axes ``sweep`` and ``data``
       (:func:`jirm.sharding.make_mesh`).
     progress: print one line per chunk.
+    on_result: called as ``on_result(i, result)`` for each trial as soon as
+      its chunk has finished (persist results there: a sweep killed later
+      keeps them).
+    model, objective_fn, optimizer_fn, batch_size: the notebook form
+      instead of ``method_fn``: ``from_objective(model, objective_fn(hp),
+      optimizer_fn(hp), batch_size=batch_size)``.
 
   Returns:
     One :class:`jirm.train.FitResult` per trial, in :func:`trials` order
@@ -184,12 +152,17 @@ def fit_sweep(splits, *, model,
     sweep's wall time (compilation included) divided by the number of trials.
 
   Raises:
-    ValueError: on empty seeds, unequal hyperparameter lists or bad sizes.
+    ValueError: on empty seeds, unequal hyperparameter lists, bad sizes, or
+      both ``method_fn`` and the notebook arguments.
   """
+  from jirm import methods as methods_lib  # pylint: disable=g-import-not-at-top
   from jirm import sharding  # pylint: disable=g-import-not-at-top
   seeds = [int(s) for s in seeds]
   if not seeds:
     raise ValueError("seeds is empty; give at least one seed.")
+  if steps < 1 or eval_every < 1:
+    raise ValueError(f"steps={steps!r} and eval_every={eval_every!r} must be "
+                     f">= 1.")
   hparams = dict(hparams or {})
   per_seed = callable(splits)
   splits_of = {}
@@ -200,9 +173,23 @@ def fit_sweep(splits, *, model,
     return splits_of[seed]
 
   first = get_splits(seeds[0])
-  if batch_size is not None and batch_size > min(first.train.sizes):
-    raise ValueError(f"batch_size={batch_size} exceeds the smallest training "
-                     f"env ({min(first.train.sizes)} samples).")
+  notebook = dict(model=model, objective_fn=objective_fn,
+                  optimizer_fn=optimizer_fn)
+  if method_fn is None:
+    missing = [k for k, v in notebook.items() if v is None]
+    if missing:
+      raise ValueError(f"pass method_fn= or all of model, objective_fn and "
+                       f"optimizer_fn (missing: {', '.join(missing)}).")
+    train_lib.check_batch_size(batch_size, first.train)
+    method_fn = lambda hp: methods_lib.from_objective(
+        model, objective_fn(hp), optimizer_fn(hp), task=first.task,
+        batch_size=batch_size)
+  else:
+    given = [k for k, v in dict(notebook, batch_size=batch_size).items()
+             if v is not None]
+    if given:
+      raise ValueError(f"{', '.join(given)}: these build a method; pass "
+                       f"them to the factory method_fn calls.")
   todo = trials(hparams, seeds, pair)
   n = len(todo)
   chunk = n if trials_per_call is None else max(1, min(int(trials_per_call), n))
@@ -210,58 +197,96 @@ def fit_sweep(splits, *, model,
     per = mesh.shape.get("sweep", 1)
     chunk = -(-chunk // per) * per  # A multiple of the sweep axis size.
   t0 = time.time()
-  run = make_run_fn(first, model=model, objective_fn=objective_fn,
-                    optimizer_fn=optimizer_fn, steps=steps,
-                    eval_every=eval_every, batch_size=batch_size)
+  names = sorted(hparams)
+  hp_of = lambda part: {k: jnp.asarray([t[k] for t in part], jnp.float32)
+                        for k in names}
+  # A concrete instance: the host-side prepare and the state's structure.
+  probe = method_fn({k: v[0] for k, v in hp_of(todo[:1]).items()})
+  prepare = probe.prepare
+  own_train = prepare != train_lib.EnvArrays.from_envs
+  if mesh is not None and own_train:
+    raise ValueError("mesh= shards EnvArrays; this method prepares its own "
+                     "training data.")
 
   def arrays(sp):
     ev = {"train": train_lib.EnvArrays.from_envs(sp.train),
           "test": train_lib.EnvArrays.from_envs(sp.test)}
     if sp.val is not None:
       ev["val"] = train_lib.EnvArrays.from_envs(sp.val)
-    return ev
+    return (prepare(sp.train) if own_train else None), ev
 
-  def place(ev, stacked):
+  def place(data, stacked):
     if mesh is None:
-      return ev
+      return data
     shard = lambda a: sharding.shard_env_arrays(a, mesh, stacked=stacked)
-    return {k: shard(v) for k, v in ev.items()}
+    return data[0], {k: shard(v) for k, v in data[1].items()}
+
+  def sweep_run(hp, seed, data):
+    train, ev = data
+    return train_lib.scan_run(
+        method_fn(hp), jax.random.key(seed),
+        ev["train"] if train is None else train, ev, steps=steps,
+        eval_every=eval_every, task=first.task, chunk=eval_chunk)
 
   data_axis = 0 if per_seed else None
-  def sweep_run(hp, seed, ev):
-    return run(hp, seed, ev["train"], ev)
-
   vrun = jax.jit(jax.vmap(sweep_run, in_axes=(0, 0, data_axis)))
   shared = None if per_seed else place(arrays(first), False)
-  names = sorted(hparams)
-  outs = []
+  first_train = arrays(first)[0]
+  if first_train is None:
+    first_train = train_lib.EnvArrays.from_envs(first.train)
+  leaf_names = train_lib.leaf_names(jax.eval_shape(
+      probe.init, jax.random.key(0), first_train))
+  env_names = train_lib.env_names_of(first)
+  results = [None] * n
   for lo in range(0, n, chunk):
     part = todo[lo:lo + chunk]
-    part = part + [part[-1]] * (chunk - len(part))
-    hp = {k: jnp.asarray([t[k] for t in part], jnp.float32) for k in names}
-    seed_T = jnp.asarray([t["seed"] for t in part], jnp.uint32)
+    real = len(part)
+    part = part + [part[-1]] * (chunk - real)
+    hp, seed_T = hp_of(part), jnp.asarray([t["seed"] for t in part],
+                                          jnp.uint32)
     if mesh is not None:
       hp, seed_T = sharding.shard_sweep((hp, seed_T), mesh)
     if per_seed:
-      ev = jax.tree.map(lambda *a: jnp.stack(a),
-                        *[arrays(get_splits(t["seed"])) for t in part])
-      ev = place(ev, True)
+      data = jax.tree.map(lambda *a: jnp.stack(a),
+                          *[arrays(get_splits(t["seed"])) for t in part])
+      data = place(data, True)
       splits_of.clear()  # Hold one chunk's data at a time.
     else:
-      ev = shared
-    params, history = vrun(hp, seed_T, ev)
-    outs.append(jax.device_get((params, history)))
+      data = shared
+    state, *logs = vrun(hp, seed_T, data)
+    rows, metrics, ok = jax.device_get(logs)
+    wall = (time.time() - t0) / (lo + real)
+    for j in range(real):
+      take = lambda t, j=j: jax.tree.map(lambda v: np.asarray(v[j]), t)
+      st = jax.tree.map(  # PRNG keys stay JAX arrays.
+          lambda v, j=j: v[j] if train_lib.is_key(v) else np.asarray(v[j]),
+          state)
+      results[lo + j] = _result(probe, st, take(rows), take(metrics),
+                                take(ok), leaf_names, env_names, wall)
+      if on_result is not None:
+        on_result(lo + j, results[lo + j])
     if progress:
-      print(f"sweep: trials {lo + 1}-{min(lo + chunk, n)} of {n} done "
+      print(f"sweep: trials {lo + 1}-{lo + real} of {n} done "
             f"({time.time() - t0:.0f}s)", flush=True)
   wall = (time.time() - t0) / n
-  env_names = train_lib.env_names_of(first)
-  results = []
-  for i in range(n):
-    params, history = outs[i // chunk]
-    j = i % chunk
-    h = {k: np.asarray(v[j]) for k, v in history.items()}
-    p = jax.tree.map(lambda v: np.asarray(v[j]), params)
-    results.append(train_lib.FitResult(p, h, train_lib.select(h, env_names),
-                                       env_names, wall))
+  for r in results:
+    r.wall_s = wall
   return results
+
+
+def _result(method, state, rows, metrics_S, finite_SL, leaf_names,
+            env_names, wall):
+  """One trial's FitResult; a diverged trial keeps the evaluations before
+  its first bad update and has no selections."""
+  msg = train_lib.first_divergence(metrics_S, finite_SL, leaf_names)
+  history = {k: np.asarray(v) for k, v in rows.items()}
+  if msg is None:
+    selections = train_lib.select(history, env_names)
+  else:
+    bad = int(np.argmax(~train_lib.finite_steps(metrics_S, finite_SL)))
+    keep = history["step"] <= bad
+    history = {k: v[keep] for k, v in history.items()}
+    selections = {}
+  return train_lib.FitResult(method.export(state), history, selections,
+                             env_names, wall, state, diverged=msg)
+

@@ -66,6 +66,9 @@ class FitResult:
     wall_s: wall time of the training loop including compilation.
     state: the method's final state (parameters, optimizer states and the
       method's extras).
+    diverged: None, or (a :func:`jirm.sweep.fit_sweep` trial whose metrics
+      or state became NaN/Inf) the divergence message; the history then
+      stops before the bad update and ``selections`` is empty.
   """
 
   params: Any
@@ -74,6 +77,7 @@ class FitResult:
   env_names: dict
   wall_s: float
   state: Any = None
+  diverged: Optional[str] = None
 
 
 def _group_metrics(acc_TE, sizes):
@@ -183,6 +187,20 @@ def _subset(envs: data_lib.Envs, max_per_env: Optional[int]):
                        envs.spurious)
 
 
+def check_batch_size(batch_size: Optional[int], envs: data_lib.Envs) -> None:
+  """Raises ValueError unless ``batch_size`` is None or fits every env."""
+  if batch_size is None:
+    return
+  if (isinstance(batch_size, bool) or
+      not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+    raise ValueError(f"batch_size={batch_size!r}: use a positive integer or "
+                     f"None (full batch).")
+  if batch_size > min(envs.sizes):
+    raise ValueError(f"batch_size={batch_size} exceeds the smallest training "
+                     f"env ({min(envs.sizes)} samples); lower it or use "
+                     f"batch_size=None (full batch).")
+
+
 def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
         seed: int = 0, eval_every: int = 10, model=None,
         objective: Optional[objectives.Objective] = None,
@@ -211,9 +229,8 @@ def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
       many samples (None: all).
     runner: ``'host'`` (a Python loop over jitted updates: checkpoints,
       TensorBoard, progress) or ``'scan'`` (the whole run, updates and
-      evaluations, as one jitted ``lax.scan``; ``steps`` must be a multiple
-      of ``eval_every``; a second run of the same method and shapes reuses
-      the compiled program).
+      evaluations, as one jitted ``lax.scan``, :func:`scan_run`; a second
+      run of the same method and shapes reuses the compiled program).
     progress: show a tqdm progress bar.
     desc: progress-bar label.
     checkpoint_dir: if set, the state and evaluation history are saved there
@@ -243,10 +260,7 @@ def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
                      f">= 1.")
   if runner not in RUNNERS:
     raise ValueError(f"runner={runner!r}: use one of {RUNNERS}.")
-  if batch_size is not None and batch_size > min(splits.train.sizes):
-    raise ValueError(f"batch_size={batch_size} exceeds the smallest training "
-                     f"env ({min(splits.train.sizes)} samples); lower it or "
-                     f"use batch_size=None (full batch).")
+  check_batch_size(batch_size, splits.train)
   notebook = dict(model=model, objective=objective, optimizer=optimizer)
   if method is None:
     missing = [k for k, v in notebook.items() if v is None]
@@ -271,11 +285,10 @@ def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
     unsupported = dict(checkpoint_dir=checkpoint_dir, mesh=mesh,
                        metrics_dir=metrics_dir)
     bad = [k for k, v in unsupported.items() if v is not None]
-    if bad or steps % eval_every:
+    if bad:
       raise ValueError(
-          f"runner='scan' runs steps={steps} as a multiple of eval_every="
-          f"{eval_every} and supports no {', '.join(bad) or 'host options'}"
-          f"; use runner='host' for checkpoints, a mesh or TensorBoard.")
+          f"runner='scan' supports no {', '.join(bad)}; use runner='host' "
+          f"for checkpoints, a mesh or TensorBoard.")
   t0 = time.time()
   train = method.prepare(splits.train)
   evals = {"train": EnvArrays.from_envs(_subset(splits.train,
@@ -361,46 +374,128 @@ def _checked(update):
   return step
 
 
-def _leaf_names(tree):
+def leaf_names(tree):
+  """The paths (``jax.tree_util.keystr``) of a tree's floating leaves, in
+  :func:`finite_leaves` order."""
   paths = jax.tree_util.tree_flatten_with_path(tree)[0]
   return [jax.tree_util.keystr(path) for path, leaf in paths
           if _is_float(leaf)]
 
 
-@functools.partial(jax.jit, static_argnames=("method", "steps", "eval_every",
-                                             "task", "chunk"))
-def _scan_run(key, train, evals, *, method, steps: int, eval_every: int,
-              task: str, chunk: Optional[int]):
-  """The whole run as nested scans: ``steps // eval_every`` chunks of
-  ``eval_every`` updates, each followed by an evaluation."""
+def scan_run(method, key, train, evals: dict, *, steps: int,
+             eval_every: int = 10, task: str = "binary",
+             chunk: Optional[int] = None):
+  """A whole run of ``method`` as nested ``lax.scan`` s: a pure function.
+
+  ``steps // eval_every`` chunks of ``eval_every`` updates, each followed by
+  an evaluation of every array in ``evals``, then the remaining
+  ``steps % eval_every`` updates and a last evaluation: the evaluation
+  points of :func:`fit`. :func:`fit` with ``runner='scan'`` jits it;
+  :func:`jirm.sweep.fit_sweep` vmaps it over trials.
+
+  Args:
+    method: a :class:`jirm.methods.Method`.
+    key: the PRNG key ``method.init`` gets.
+    train: the prepared training data (``method.prepare(splits.train)``).
+    evals: name -> :class:`EnvArrays` to evaluate (``train``, ``test``...).
+    steps, eval_every: as in :func:`fit`.
+    task: the data's accuracy type.
+    chunk: see :func:`make_accuracy_fn`.
+
+  Returns:
+    ``(state, rows, metrics_S, finite_SL)``: the final state; the history
+    rows stacked over evaluation points (``step``, ``<name>_acc_E`` and the
+    metrics of the update just taken); every update's metrics stacked over
+    the ``S = steps`` updates; and :func:`finite_leaves` of the state after
+    each update (see :func:`first_divergence`).
+
+  Example:
+    >>> run = jax.jit(lambda key: scan_run(method, key, train,
+    ...                                    {'test': test}, steps=100))
+    >>> state, rows, metrics_S, finite_SL = run(jax.random.key(0))
+  """
+  if steps < 1 or eval_every < 1:
+    raise ValueError(f"steps={steps!r} and eval_every={eval_every!r} must be "
+                     f">= 1.")
   acc_fn = make_accuracy_fn(method.predict, task, chunk)
   update = _checked(method.update)
 
-  def chunk_fn(state, _):
-    state, (aux, ok) = jax.lax.scan(
-        lambda s, _: (lambda r: (r[0], (r[1], r[2])))(update(s, train)),
-        state, None, length=eval_every)
-    row = {k: v[-1] for k, v in aux.items()}
+  def one(state, _):
+    state, metrics, ok = update(state, train)
+    return state, (metrics, ok)
+
+  def advance(state, length):
+    state, (metrics, ok) = jax.lax.scan(one, state, None, length=length)
+    row = {k: v[-1] for k, v in metrics.items()}
     row["step"] = state.step
     for name, arrays in evals.items():
       row[f"{name}_acc_E"] = acc_fn(state, arrays)
-    return state, (row, aux, ok)
+    return state, (row, metrics, ok)
 
+  n_full, rem = divmod(steps, eval_every)
   state = method.init(key, train)
-  return jax.lax.scan(chunk_fn, state, None, length=steps // eval_every)
+  parts = []
+  if n_full:
+    state, (rows, metrics, ok) = jax.lax.scan(
+        lambda s, _: advance(s, eval_every), state, None, length=n_full)
+    flat = lambda v: v.reshape((n_full * eval_every,) + v.shape[2:])
+    parts.append((rows, jax.tree.map(flat, metrics), flat(ok)))
+  if rem:
+    state, (row, metrics, ok) = advance(state, rem)
+    parts.append((jax.tree.map(lambda v: v[None], row), metrics, ok))
+  rows, metrics, ok = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+  return state, rows, metrics, ok
+
+
+_scan_run = jax.jit(scan_run, static_argnums=0,
+                    static_argnames=("steps", "eval_every", "task", "chunk"))
+
+
+def finite_steps(metrics_S: dict, finite_SL) -> np.ndarray:
+  """``[S]`` booleans: after update ``s`` every floating metric and every
+  state leaf (``finite_SL``, :func:`finite_leaves`) is finite."""
+  finite_SL = np.asarray(finite_SL)
+  ok_S = finite_SL.reshape(len(finite_SL), -1).all(1)
+  for v in metrics_S.values():
+    v = np.asarray(v)
+    if np.issubdtype(v.dtype, np.floating):
+      ok_S &= np.isfinite(v).reshape(len(v), -1).all(1)
+  return ok_S
+
+
+def first_divergence(metrics_S: dict, finite_SL, leaf_names) -> Optional[str]:
+  """The divergence message of the first bad update of a scanned run.
+
+  Args:
+    metrics_S: every update's metrics (host arrays, leading axis = update).
+    finite_SL: :func:`finite_leaves` after every update.
+    leaf_names: the state's floating leaf paths (:func:`leaf_names`).
+
+  Returns:
+    None if every metric and state leaf stayed finite, else the message
+    :class:`DivergenceError` carries in the host loop (same step and term).
+  """
+  ok_S = finite_steps(metrics_S, finite_SL)
+  if ok_S.all():
+    return None
+  b = int(np.argmax(~ok_S))
+  finite_SL = np.asarray(finite_SL)
+  try:
+    _check_finite([{k: v[b] for k, v in metrics_S.items()}], b, 0, None)
+    _check_state(finite_SL[b], leaf_names, b, 0, None)
+  except DivergenceError as e:
+    return str(e)
+  raise AssertionError("unreachable: a bad step with nothing non-finite")
 
 
 def _scan_fit(method, key, train, evals, *, steps, eval_every, task, chunk):
-  state, (rows, aux, ok) = _scan_run(key, train, evals, method=method,
-                                     steps=steps, eval_every=eval_every,
-                                     task=task, chunk=chunk)
-  aux, ok = jax.device_get((aux, ok))
-  names = _leaf_names(state)
-  for c in range(steps // eval_every):
-    for k in range(eval_every):
-      step = c * eval_every + k
-      _check_finite([{n: v[c, k] for n, v in aux.items()}], step, 0, None)
-      _check_state(ok[c, k], names, step, 0, None)
+  state, rows, metrics, ok = _scan_run(method, key, train, evals,
+                                       steps=steps, eval_every=eval_every,
+                                       task=task, chunk=chunk)
+  msg = first_divergence(jax.device_get(metrics), jax.device_get(ok),
+                         leaf_names(state))
+  if msg is not None:
+    raise DivergenceError(msg)
   history = {k: np.asarray(v) for k, v in jax.device_get(rows).items()}
   return state, history
 
@@ -462,9 +557,10 @@ def run_loop(state, step_fn, evaluate, *, steps: int, eval_every: int,
     it = tqdm.tqdm(it, desc=desc, leave=False, mininterval=2.0,
                    initial=int(state.step), total=steps)
   last_saved = int(state.step)
+  good = last_saved if rows else None  # The last checkpoint written, if any.
   pending = []
   try:
-    names = _leaf_names(state)
+    names = leaf_names(state)
     for i in it:
       state, aux, ok = step_fn(state)
       pending.append((aux, ok))
@@ -472,8 +568,8 @@ def run_loop(state, step_fn, evaluate, *, steps: int, eval_every: int,
         fetched = jax.device_get(pending)
         first = i + 1 - len(fetched)
         for k, (aux_k, ok_k) in enumerate(fetched):
-          _check_finite([aux_k], first + k, last_saved, checkpoint_dir)
-          _check_state(ok_k, names, first + k, last_saved, checkpoint_dir)
+          _check_finite([aux_k], first + k, good, checkpoint_dir)
+          _check_state(ok_k, names, first + k, good, checkpoint_dir)
         fetched = [a for a, _ in fetched]
         row = evaluate(state, aux)
         rows.append(jax.tree.map(lambda v: np.asarray(jax.device_get(v)), row))
@@ -483,7 +579,7 @@ def run_loop(state, step_fn, evaluate, *, steps: int, eval_every: int,
         if ckpt is not None and (i + 1 - last_saved >= checkpoint_every or
                                  i + 1 == steps):
           ckpt.save(state, rows)
-          last_saved = i + 1
+          last_saved = good = i + 1
   finally:
     if ckpt is not None:
       ckpt.close()
@@ -496,18 +592,30 @@ def run_loop(state, step_fn, evaluate, *, steps: int, eval_every: int,
 
 def _where(last_saved, checkpoint_dir):
   return (f"; the last good checkpoint is step {last_saved} in "
-          f"{checkpoint_dir}" if checkpoint_dir else "")
+          f"{checkpoint_dir}" if checkpoint_dir and last_saved is not None
+          else "")
+
+
+def _metric_rank(name: str) -> int:
+  """Terms and weights name a divergence better than the total."""
+  return 0 if name.startswith(("term/", "weight/")) else 1
 
 
 def _check_finite(auxes, first_step, last_saved, checkpoint_dir):
   for k, aux in enumerate(auxes):
+    bad = []
     for name, v in aux.items():
       v = np.asarray(v)
       if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
-        raise DivergenceError(
-            f"training diverged: {name} = {v.tolist()} at step "
-            f"{first_step + k}{_where(last_saved, checkpoint_dir)}. Lower "
-            f"the learning rate or the penalty weight.")
+        bad.append((name, v))
+    if bad:
+      bad.sort(key=lambda nv: _metric_rank(nv[0]))
+      (name, v), rest = bad[0], [n for n, _ in bad[1:]]
+      also = f" (also non-finite: {', '.join(rest)})" if rest else ""
+      raise DivergenceError(
+          f"training diverged: {name} = {v.tolist()} at step "
+          f"{first_step + k}{_where(last_saved, checkpoint_dir)}{also}. "
+          f"Lower the learning rate or the penalty weight.")
 
 
 def _check_state(ok_L, names, step, last_saved, checkpoint_dir):
@@ -548,7 +656,8 @@ class _MetricWriter:
     self._w.close()
 
 
-def _is_key(a) -> bool:
+def is_key(a) -> bool:
+  """Whether ``a`` is a typed PRNG key array."""
   return hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
 
 
@@ -565,7 +674,7 @@ class _Checkpointer:
   @staticmethod
   def _to_saveable(state):
     return jax.tree.map(
-        lambda a: jax.random.key_data(a) if _is_key(a) else a, state)
+        lambda a: jax.random.key_data(a) if is_key(a) else a, state)
 
   def save(self, state, rows: list) -> None:
     ocp = self._ocp
@@ -586,7 +695,7 @@ class _Checkpointer:
         state=ocp.args.StandardRestore(abstract),
         history=ocp.args.JsonRestore()))
     st = jax.tree.map(
-        lambda t, a: jax.random.wrap_key_data(a) if _is_key(t) else a,
+        lambda t, a: jax.random.wrap_key_data(a) if is_key(t) else a,
         state, restored["state"])
     history = [{k: np.asarray(v, np.float32 if k != "step" else np.int64)
                 for k, v in r.items()} for r in restored["history"]]

@@ -25,30 +25,50 @@ def _by_trial(records, rule="last"):
 
 
 def test_vmap_sweep_table_equals_separate_runs(tmp_path, synthetic_mnist):
+  # penalty_weight=1e30 overflows Adam's second moment (a finite loss, a
+  # frozen run): those trials are recorded as diverged on both backends, the
+  # others run and are tabulated as usual.
   trials = sweep_exp.make_trials(
       "colored_mnist", ["irmv1"], "quick", "grid",
-      ["penalty_weight=10,1000"], restarts=2,
-      overrides=["steps=25", "anneal=10"])
-  assert len(trials) == 4 and len({t["id"] for t in trials}) == 4
+      ["penalty_weight=10,1000,1e30"], restarts=2,
+      overrides=["steps=25", "anneal=10", "schedule=domainbed"])
+  assert len(trials) == 6 and len({t["id"] for t in trials}) == 6
   a, b = tmp_path / "vmap", tmp_path / "local"
   sweep_exp.launch_sweep(trials, str(a), "vmap", mnist=synthetic_mnist,
                          progress=False)
   text = sweep_exp.launch_sweep(trials, str(b), "local",
                                 mnist=synthetic_mnist, progress=False)
   ra, rb = launch.read_results(str(a)), launch.read_results(str(b))
-  assert len(ra) == len(rb) == 16  # 4 trials x 4 selection rules.
+  assert len(ra) == len(rb) == 18  # 4 trials x 4 rules + 2 diverged.
   for rule in ("last", "train_domain_val", "oracle"):
     va, vb = _by_trial(ra, rule), _by_trial(rb, rule)
-    assert sorted(va) == sorted(vb)
+    assert sorted(va) == sorted(vb) and len(va) == 4
     for k in va:
       assert va[k]["test_acc"] == pytest.approx(vb[k]["test_acc"], abs=1e-5)
       assert va[k]["step"] == vb[k]["step"]
+  bad = {t["id"] for t in trials if t["hparams"]["penalty_weight"] == 1e30}
+  for recs in (ra, rb):
+    failed = {r["trial"]: r for r in recs if r.get("status") == "diverged"}
+    assert set(failed) == bad
+    for r in failed.values():  # The anneal step: the weight jumps to 1e30.
+      assert "state leaf" in r["reason"] and "at step 10 " in r["reason"]
+      assert r["selection"] is None and "test_acc" not in r
+  # The same message from the scan runner and the host loop (which also
+  # names the trial's last checkpoint).
+  cut = lambda m: m.split("; the last good")[0].split(". Lower")[0]
+  da = {r["trial"]: cut(r["reason"]) for r in ra if r.get("status")}
+  db = {r["trial"]: cut(r["reason"]) for r in rb if r.get("status")}
+  assert da == db
   assert "penalty_weight=1000" in text and "| irmv1 | last |" in text
-  # Relaunching a finished sweep runs nothing.
-  before = os.path.getmtime(a / "trials" / trials[0]["id"] / "result.jsonl")
+  assert "## Failed trials (2; never selected)" in text
+  assert "penalty_weight=1e+30" not in text.split("## Failed")[0]
+  # Relaunching a finished sweep runs nothing (diverged trials included).
+  before = {t["id"]: os.path.getmtime(a / "trials" / t["id"] /
+                                      "result.jsonl") for t in trials}
   sweep_exp.launch_sweep(trials, str(a), "vmap", mnist=synthetic_mnist)
-  assert os.path.getmtime(a / "trials" / trials[0]["id"] /
-                          "result.jsonl") == before
+  assert before == {t["id"]: os.path.getmtime(a / "trials" / t["id"] /
+                                              "result.jsonl")
+                    for t in trials}
 
 
 def test_registry_defaults_and_seeded_random_points():

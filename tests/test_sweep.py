@@ -57,7 +57,7 @@ def test_sweep_equals_separate_runs_with_one_compilation(splits, caplog):
   compiled = [r.getMessage() for r in caplog.records
               if "Finished XLA compilation" in r.getMessage()]
   # One program for all 8 trials (plus tiny host->device casts, no step fn).
-  runs = [m for m in compiled if "jit(sweep_run)" in m]
+  runs = [m for m in compiled if "sweep_run" in m]
   assert len(runs) == 1, compiled
   assert len(results) == 8
   for trial, res in zip(sweep.trials(HPARAMS, [0, 1]), results):
@@ -121,3 +121,58 @@ def test_per_seed_data_equals_separate_runs(synthetic_mnist):
   # Different seeds saw different data (label noise / colours).
   assert not np.allclose(results[0].history["train_acc_E"],
                          results[1].history["train_acc_E"])
+
+
+def test_any_method_sweeps_and_equals_separate_fits(splits, caplog):
+  # A stateful method written outside jirm (tests/test_trainer.py's EMA
+  # method), its learning rate traced: 2 lrs x 2 seeds in one program.
+  from test_trainer import ema_method  # pylint: disable=g-import-not-at-top
+  model = jirm.models.mlp(8)
+  method_fn = lambda hp: ema_method(model, optax.adam(hp["lr"]))
+  hps = sweep.grid(lr=[1e-3, 1e-2])
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    results = sweep.fit_sweep(splits, method_fn, hparams=hps, seeds=[0, 1],
+                              steps=7, eval_every=3)
+  compiled = [r.getMessage() for r in caplog.records
+              if "Finished XLA compilation" in r.getMessage()
+              and "sweep_run" in r.getMessage()]
+  assert len(compiled) == 1, compiled
+  for trial, res in zip(sweep.trials(hps, [0, 1]), results):
+    ref = jirm.fit(splits, ema_method(model, optax.adam(trial["lr"])),
+                   steps=7, eval_every=3, seed=trial["seed"])
+    assert res.history["step"].tolist() == [3, 6, 7]
+    assert res.diverged is None
+    assert _max_diff(res.history, {k: ref.history[k] for k in res.history}
+                     ) < 1e-5, trial
+    assert _max_diff(res.state.ema, ref.state.ema) < 1e-5, trial
+    assert res.selections["last"]["step"] == 7
+  assert _max_diff(results[0].state.ema, results[2].state.ema) > 1e-4
+
+
+def test_diverged_trial_is_recorded_never_selected_others_go_on(splits):
+  # Trial 1's penalty weight is NaN from step 2: it diverges there with the
+  # message jirm.fit raises; trial 0 equals its separate run.
+  def method_fn(hp):
+    sched = jirm.schedules.PenaltySchedule(weight=hp["w"], anneal=2,
+                                           before=0.0, name="w")
+    return jirm.from_objective(jirm.models.mlp(8),
+                               jirm.erm + sched * jirm.irmv1, optax.sgd(0.1))
+  seen = []
+  results = sweep.fit_sweep(splits, method_fn, hparams={"w": [10.0, np.nan]},
+                            seeds=[0], steps=6, eval_every=2,
+                            trials_per_call=1,
+                            on_result=lambda i, r: seen.append(i))
+  assert seen == [0, 1]  # Each trial handed over when its chunk finished.
+  good, bad = results
+  assert good.diverged is None and good.history["step"].tolist() == [2, 4, 6]
+  with pytest.raises(jirm.train.DivergenceError) as err:
+    jirm.fit(splits, method_fn({"w": np.float32(np.nan)}), steps=6,
+             eval_every=2)
+  assert bad.diverged == str(err.value)
+  assert "weight/irmv1 = nan at step 2 (also non-finite: total)" in bad.diverged
+  assert bad.selections == {}
+  assert bad.history["step"].tolist() == [2]  # Evaluations before step 2.
+  ref = jirm.fit(splits, method_fn({"w": np.float32(10.0)}), steps=6,
+                 eval_every=2)
+  assert _max_diff(good.history, {k: ref.history[k] for k in good.history}
+                   ) < 1e-5
