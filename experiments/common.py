@@ -3,9 +3,12 @@ loop that skips finished restarts, and report writing."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import sys
+from typing import Optional
 
 from absl import logging
 
@@ -44,36 +47,99 @@ def parse_grid(items) -> dict:
   return axes
 
 
+# Config fields that do not change what a restart computes (how often it
+# checkpoints, its description, whether IRM-TV's weight sweep keeps curves).
+_NOT_IDENTITY = ("checkpoint_every", "note", "sweep")
+
+
+def run_key(config: dict) -> str:
+  """A restart's identity without its seed: 10 hex digits of SHA-256 over
+  the resolved config (sorted JSON, without ``checkpoint_every``, ``note``
+  and ``sweep``). Two configs that differ in any setting get different keys, so
+  a rerun with a changed config never resumes, skips or pools with the
+  other config's restarts."""
+  d = {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
+  text = json.dumps(d, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def record_key(record: dict) -> Optional[str]:
+  """The run key of a record: its ``run_key`` field, or for records written
+  before keys existed the key of the config the record holds."""
+  if "run_key" in record:
+    return record["run_key"]
+  return run_key(record["config"]) if "config" in record else None
+
+
+def _unique(record):
+  return (record_key(record), record["seed"], record["selection"])
+
+
 def run_restarts(configs, restarts, seed, output_dir, run_restart, report,
                  key_fields=("method", "preset")):
   """Runs every (config, seed) not yet recorded in ``results.jsonl``.
+
+  A restart is identified by :func:`run_key` of its resolved config and its
+  seed: its checkpoints live in ``checkpoints/<name>-<key>-seed<s>``, its
+  records carry ``run_key``, and a changed config (any setting) starts new
+  restarts under a new key and says so, leaving the other config's records
+  as they are. While a process runs a restart it holds
+  ``locks/<name>-<key>-seed<s>.lock`` (pid and host): a second copy of the
+  same command skips that restart and takes the next one, so two copies
+  share the work instead of repeating it; a lock left by a killed process on
+  this host is taken over. Records are appended atomically and deduplicated
+  by (run key, seed, selection rule).
 
   Args:
     configs: ConfigDicts, one per method/setting.
     restarts: seeds ``seed .. seed + restarts - 1``.
     seed: first seed.
-    output_dir: holds ``results.jsonl`` and ``checkpoints/``.
+    output_dir: holds ``results.jsonl``, ``checkpoints/`` and ``locks/``.
     run_restart: ``(config, seed, checkpoint_dir) -> records``.
     report: ``output_dir -> None``, rewrites summaries after each restart.
-    key_fields: config fields (dotted paths) that, with the seed, identify a
-      restart; records hold them under the last path component.
+    key_fields: config fields (dotted paths) that name a restart in paths
+      and messages (records hold them under the last path component).
   """
-  path = os.path.join(os.path.abspath(output_dir), "results.jsonl")
+  out = os.path.abspath(output_dir)
+  path = os.path.join(out, "results.jsonl")
   for config in configs:
-    key = tuple(str(_get(config, f)) for f in key_fields)
-    name = "-".join(k for k in key if k)
+    key = run_key(config.to_dict())
+    label = tuple(str(_get(config, f)) for f in key_fields)
+    name = "-".join(k for k in label if k)
+    same = lambda r, label=label: tuple(
+        str(r.get(f.split(".")[-1])) for f in key_fields) == label
+    others = {record_key(r) for r in results_lib.read_jsonl(path)
+              if same(r)} - {key}
+    if others:
+      print(f"{name}: config {key} differs from the {len(others)} other "
+            f"config(s) recorded for {name} in {path} "
+            f"({', '.join(sorted(map(str, others)))}); its restarts run under "
+            f"key {key} and the other records stay as they are.", flush=True)
     for s in range(seed, seed + restarts):
-      done = {tuple(str(r.get(f.split(".")[-1])) for f in key_fields) +
-              (r["seed"],)
-              for r in results_lib.read_jsonl(path)}
-      if key + (s,) in done:
+      done = {(record_key(r), r["seed"]) for r in results_lib.read_jsonl(path)}
+      if (key, s) in done:
         logging.info("skip %s seed %d (already in %s)", name, s, path)
         continue
-      ckpt = os.path.join(os.path.dirname(path), "checkpoints",
-                          f"{name}-seed{s}")
-      records = run_restart(config, s, ckpt)
-      results_lib.append_jsonl(path, records)
-      shutil.rmtree(ckpt, ignore_errors=True)  # The record is the result.
+      tag = f"{name}-{key}-seed{s}"
+      lock = os.path.join(out, "locks", tag + ".lock")
+      holder = results_lib.try_lock(lock)
+      if holder is not None:
+        print(f"skip {name} seed {s}: process {holder} is running it "
+              f"({lock}).", flush=True)
+        continue
+      try:
+        done = {(record_key(r), r["seed"])
+                for r in results_lib.read_jsonl(path)}
+        if (key, s) in done:  # Finished by another process meanwhile.
+          continue
+        ckpt = os.path.join(out, "checkpoints", tag)
+        records = run_restart(config, s, ckpt)
+        for r in records:
+          r["run_key"] = key
+        results_lib.append_jsonl(path, records, unique=_unique)
+        shutil.rmtree(ckpt, ignore_errors=True)  # The record is the result.
+      finally:
+        results_lib.release_lock(lock)
       last = [r for r in records if r["selection"] == "last"][0]
       print(f"{name} seed {s}: train {last['train_acc']:.4f} test "
             f"{last['test_acc']:.4f} ({last['wall_s']:.0f}s)", flush=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import time
 
 from absl import app
@@ -179,11 +180,23 @@ def _save_params(checkpoint_dir, params):
 
 def load_params(dirs, name):
   """Final parameters of restart ``name`` (e.g. ``'sparse_irm-paper-irmv1-
-  640-cmnist-50000-seed0'``) saved by :func:`run` in one of ``dirs``."""
+  640-cmnist-50000-seed0'``) saved by :func:`run` in one of ``dirs`` (as
+  ``<name without seed>-<run key>-seed<s>``; one config per directory)."""
   paths = [os.path.join(d, "params", name + ".msgpack") for d in dirs]
-  for path in paths:
-    if os.path.exists(path):
-      with open(path, "rb") as f:
+  prefix, seed_part = name.rsplit("-", 1)
+  keyed = re.compile(re.escape(prefix) + r"-[0-9a-f]{10}-" +
+                     re.escape(seed_part) + r"\.msgpack$")
+  for d, path in zip(dirs, paths):
+    found = [path] if os.path.exists(path) else []  # Saved before run keys.
+    pdir = os.path.dirname(path)
+    found += sorted(os.path.join(pdir, f) for f in (
+        os.listdir(pdir) if os.path.isdir(pdir) else []) if keyed.match(f))
+    if len(found) > 1:
+      raise ValueError(f"{len(found)} configs of restart {name} in {pdir} "
+                       f"({', '.join(map(os.path.basename, found))}); pass "
+                       f"--params_dirs with one config's output directory.")
+    if found:
+      with open(found[0], "rb") as f:
         return flax.serialization.msgpack_restore(f.read())
   raise ValueError(f"no saved parameters {name}.msgpack in {paths}; run the "
                    f"table first (python -m experiments.sparse_irm "

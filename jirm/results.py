@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import json
 import os
+import socket
 import tempfile
-from typing import Iterable, Sequence
+from typing import Callable, Hashable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -57,10 +60,92 @@ def dumps(record: dict) -> str:
   return json.dumps(_strict(record), sort_keys=True, allow_nan=False)
 
 
-def append_jsonl(path: str, records: Iterable[dict]) -> None:
-  """Appends records by atomically rewriting the file (never half-written)."""
-  rows = read_jsonl(path) + list(records)
-  atomic_write(path, "".join(dumps(r) + "\n" for r in rows))
+@contextlib.contextmanager
+def _flock(path: str):
+  """An exclusive ``fcntl.flock`` on ``path`` (created if missing)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def append_jsonl(path: str, records: Iterable[dict],
+                 unique: Optional[Callable[[dict], Hashable]] = None) -> None:
+  """Appends records by atomically rewriting the file (never half-written).
+
+  The read-and-rewrite holds an exclusive lock on ``path + '.lock'``, so
+  concurrent appends from several processes lose nothing. With ``unique``
+  (``record -> key``) a record whose key is already in the file (or earlier
+  in ``records``) is dropped: the first one written stays.
+  """
+  path = os.path.abspath(path)
+  with _flock(path + ".lock"):
+    rows = read_jsonl(path)
+    seen = {unique(r) for r in rows} if unique is not None else set()
+    for r in records:
+      if unique is not None:
+        k = unique(r)
+        if k in seen:
+          continue
+        seen.add(k)
+      rows.append(r)
+    atomic_write(path, "".join(dumps(r) + "\n" for r in rows))
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def try_lock(path: str) -> Optional[str]:
+  """Takes the lock file ``path`` for this process.
+
+  The file holds ``<pid> <host>``. A lock whose process is gone (same host,
+  pid not alive) is stale and taken over. Lock files are checked and
+  created under an ``fcntl.flock`` of ``<dir>/.guard``, so two processes
+  never both take one.
+
+  Args:
+    path: the lock file.
+
+  Returns:
+    None if this process now holds the lock, else ``'<pid> on <host>'`` of
+    the process holding it.
+  """
+  path = os.path.abspath(path)
+  me = f"{os.getpid()} {socket.gethostname()}"
+  with _flock(os.path.join(os.path.dirname(path), ".guard")):
+    if os.path.exists(path):
+      with open(path) as f:
+        parts = f.read().split()
+      pid, host = (int(parts[0]), parts[1]) if len(parts) == 2 else (0, "")
+      if f"{pid} {host}" == me:
+        return None
+      if host != socket.gethostname() or _alive(pid):
+        return f"{pid} on {host}"
+    atomic_write(path, me + "\n")  # New, or taking over a stale lock.
+  return None
+
+
+def release_lock(path: str) -> None:
+  """Removes the lock file ``path`` if this process holds it."""
+  path = os.path.abspath(path)
+  me = f"{os.getpid()} {socket.gethostname()}"
+  with _flock(os.path.join(os.path.dirname(path), ".guard")):
+    try:
+      with open(path) as f:
+        if f.read().strip() == me:
+          os.remove(path)
+    except FileNotFoundError:
+      pass
 
 
 def _pct(values: Sequence[float]) -> str:
@@ -73,16 +158,23 @@ def summary_table(records: Sequence[dict], published: dict | None = None,
   """Markdown table: mean ± std (percent) of train/test acc per method and
   selection rule; ``published`` maps method -> text shown beside it."""
   groups = collections.OrderedDict()
+  keys = collections.defaultdict(set)
   for r in records:
-    groups.setdefault((r["method"], r["preset"], r["selection"]), []).append(r)
+    keys[(r["method"], r["preset"])].add(r.get("run_key"))
+  for r in records:
+    groups.setdefault((r["method"], r["preset"], r.get("run_key"),
+                       r["selection"]), []).append(r)
   lines = [f"# {title}" if title else "", "",
            "| method | preset | selection | restarts | train acc | test acc |"
            " published (train / test) | wall s / restart |",
            "|---|---|---|---|---|---|---|---|"]
-  for (method, preset, sel), rs in groups.items():
+  for (method, preset, key, sel), rs in groups.items():
     pub = (published or {}).get(method, "") if sel == "last" else ""
+    # Two configs of one method in one directory: one row each, by key.
+    shown = (f"{method} (config {key or 'without run key'})"
+             if len(keys[(method, preset)]) > 1 else method)
     lines.append(
-        f"| {method} | {preset} | {sel} | {len(rs)} | "
+        f"| {shown} | {preset} | {sel} | {len(rs)} | "
         f"{_pct([r['train_acc'] for r in rs])} | "
         f"{_pct([r['test_acc'] for r in rs])} | {pub} | "
         f"{np.mean([r['wall_s'] for r in rs]):.0f} |")

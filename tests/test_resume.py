@@ -75,9 +75,13 @@ def test_sigkill_then_same_command_equals_uninterrupted_run(tmp_path):
     if "curve" in ra:
       np.testing.assert_allclose(ra["curve"]["test_acc"],
                                  rb["curve"]["test_acc"], atol=1e-6)
-  assert not os.path.exists(killed / "checkpoints" / "irmv1-quick-seed0")
+  # The same restart (same run key) resumed, under its key, and its
+  # checkpoints went once its records were written.
+  assert {r["run_key"] for r in a} == {r["run_key"] for r in b}
+  assert not glob.glob(str(killed / "checkpoints" / "irmv1-quick-*-seed0"))
   # Per-step scalars of each restart, outside the (deleted) checkpoints.
-  tb = _read_scalars(str(ref / "tensorboard" / "irmv1-quick-seed1"))
+  (tb_dir,) = glob.glob(str(ref / "tensorboard" / "irmv1-quick-*-seed1"))
+  tb = _read_scalars(tb_dir)
   assert len(tb["term/irmv1"]) == 300 and len(tb["test_acc"]) == 30
 
 
