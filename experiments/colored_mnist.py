@@ -15,7 +15,6 @@ record is written).
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import numpy as np
@@ -249,16 +248,16 @@ def main(argv):
   if common.start(FLAGS, write_reports):
     return
   methods = common.method_list(FLAGS.method, METHODS_ALL)
-  for m in methods:
-    if m not in OTHER_METHODS:
-      jirm.methods.get(m)
-  try:
+
+  def go():
+    for m in methods:
+      if m not in OTHER_METHODS:
+        jirm.methods.get(m)
     mesh = jirm.sharding.make_mesh() if FLAGS.data_parallel else None
     run(methods, FLAGS.preset, FLAGS.restarts, FLAGS.seed, FLAGS.output_dir,
         FLAGS.data_dir, FLAGS.set, FLAGS.progress, mesh=mesh)
-  except jirm.data.DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+
+  common.exit_on_bad_input(go)
 
 
 if __name__ == "__main__":

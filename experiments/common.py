@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from typing import Optional
@@ -15,24 +16,52 @@ from absl import logging
 from jirm import results as results_lib
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def cast_like(old, raw, what: str):
+  """``raw`` (a string or number) as the type of ``old``; ValueError naming
+  ``what`` (e.g. ``"--set=lr=x"``) otherwise. Booleans take
+  true/false/yes/no/on/off/1/0; integers refuse fractions."""
+  kind = type(old).__name__
+  if isinstance(old, bool):
+    text = str(raw).strip().lower()
+    if text in _TRUE or text in _FALSE:
+      return text in _TRUE
+    raise ValueError(f"{what}: a boolean; use true or false, not {raw!r}.")
+  try:
+    if isinstance(old, int):
+      value = float(raw)
+      if value != int(value):
+        raise ValueError
+      return int(value)
+    return type(old)(raw)
+  except (TypeError, ValueError, OverflowError):
+    raise ValueError(f"{what}: takes a{'n' if kind[0] in 'aeiou' else ''} "
+                     f"{kind} value, not {raw!r}.") from None
+
+
 def apply_overrides(config, overrides):
   """Applies ``key=value`` strings (dotted keys) to a ConfigDict, casting each
-  value to the type of the entry it replaces."""
+  value to the type of the entry it replaces (a bad key or value raises
+  ValueError naming it)."""
   for item in overrides:
     if "=" not in item:
       raise ValueError(f"--set={item!r}: expected key=value.")
     key, raw = item.split("=", 1)
     node, *path = key.split(".")[::-1]
     target = config
-    for part in reversed(path):
+    for depth, part in enumerate(reversed(path)):
+      if part not in target or not hasattr(target[part], "keys"):
+        where = ".".join(list(reversed(path))[:depth]) or "the config"
+        raise ValueError(f"--set={item!r}: no config section {part!r} in "
+                         f"{where}; sections are "
+                         f"{sorted(k for k in target.keys() if hasattr(target[k], 'keys'))}.")
       target = target[part]
     if node not in target:
       raise ValueError(f"--set={item!r}: no config key {key!r}; keys are "
                        f"{sorted(target.keys())}.")
-    old = target[node]
-    value = type(old)(raw) if not isinstance(old, bool) else (
-        raw.lower() in ("1", "true", "yes"))
-    target[node] = value
+    target[node] = cast_like(target[node], raw, f"--set={item!r}")
   return config
 
 
@@ -50,6 +79,12 @@ def parse_grid(items) -> dict:
 # Config fields that do not change what a restart computes (how often it
 # checkpoints, its description, whether IRM-TV's weight sweep keeps curves).
 _NOT_IDENTITY = ("checkpoint_every", "note", "sweep")
+
+
+# Restarts that diverged: one record each, outside results.jsonl (so no
+# table reads them); a rerun skips them and says so.
+FAILED = "failed.jsonl"
+_SAFE = re.compile(r"^(?!.*\.\.)[A-Za-z0-9_.,=+-]+$")
 
 
 def run_key(config: dict) -> str:
@@ -100,8 +135,23 @@ def run_restarts(configs, restarts, seed, output_dir, run_restart, report,
     key_fields: config fields (dotted paths) that name a restart in paths
       and messages (records hold them under the last path component).
   """
+  if not isinstance(restarts, int) or restarts < 1:
+    raise ValueError(f"--restarts={restarts!r}: use 1 or more.")
   out = os.path.abspath(output_dir)
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--output_dir={output_dir!r} is a file; give a "
+                     f"directory.")
   path = os.path.join(out, "results.jsonl")
+  failed_path = os.path.join(out, FAILED)
+  for config in configs:
+    for f in key_fields:
+      value = str(_get(config, f))
+      if value and not _SAFE.match(value):
+        raise ValueError(f"{f}={_get(config, f)!r}: names a path; use "
+                         f"letters, digits and _ . , = + - only.")
+  os.makedirs(out, exist_ok=True)
+  if not os.access(out, os.W_OK):
+    raise ValueError(f"--output_dir={output_dir!r} is not writable.")
   for config in configs:
     key = run_key(config.to_dict())
     label = tuple(str(_get(config, f)) for f in key_fields)
@@ -120,6 +170,11 @@ def run_restarts(configs, restarts, seed, output_dir, run_restart, report,
       if (key, s) in done:
         logging.info("skip %s seed %d (already in %s)", name, s, path)
         continue
+      if (key, s) in {(record_key(r), r["seed"])
+                      for r in results_lib.read_jsonl(failed_path)}:
+        print(f"skip {name} seed {s}: it diverged before (see "
+              f"{failed_path}; delete its line to run it again).", flush=True)
+        continue
       tag = f"{name}-{key}-seed{s}"
       lock = os.path.join(out, "locks", tag + ".lock")
       holder = results_lib.try_lock(lock)
@@ -133,7 +188,15 @@ def run_restarts(configs, restarts, seed, output_dir, run_restart, report,
         if (key, s) in done:  # Finished by another process meanwhile.
           continue
         ckpt = os.path.join(out, "checkpoints", tag)
-        records = run_restart(config, s, ckpt)
+        try:
+          records = run_restart(config, s, ckpt)
+        except FloatingPointError as e:  # jirm.train.DivergenceError.
+          results_lib.append_jsonl(failed_path, [dict(
+              diverged_record(config, s, str(e)), run_key=key)],
+                                   unique=_unique)
+          print(f"{name} seed {s}: diverged, recorded in {failed_path} and "
+                f"in no table: {e}", flush=True)
+          continue
         for r in records:
           r["run_key"] = key
         results_lib.append_jsonl(path, records, unique=_unique)
@@ -169,12 +232,14 @@ def method_list(value: str, all_methods) -> tuple:
 
 def exit_on_bad_input(fn, *args, **kwargs):
   """Runs ``fn``; a bad flag or missing data (``ValueError``, including
-  :class:`jirm.data.DataError`) prints its message and exits with status 2
-  instead of a traceback."""
+  :class:`jirm.data.DataError`) prints its message in one line and exits
+  with status 2 instead of a traceback (``JIRM_DEBUG=1`` re-raises)."""
   try:
     return fn(*args, **kwargs)
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
+    if os.environ.get("JIRM_DEBUG"):
+      raise
+    print(f"error: {e} (JIRM_DEBUG=1 shows the traceback)", file=sys.stderr)
     sys.exit(2)
 
 

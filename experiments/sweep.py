@@ -36,6 +36,7 @@ import importlib
 import inspect
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -112,7 +113,8 @@ def make_trials(experiment, methods, preset, search, grid=(), n_hparams=10,
           raise ValueError(f"--grid key {k!r} is not in the {experiment} "
                            f"config; keys are {sorted(config.keys())}.")
       points = [dict(zip(axes, p)) for p in itertools.product(*axes.values())]
-      points = [{k: type(config[k])(v) for k, v in p.items()} for p in points]
+      points = [{k: common.cast_like(config[k], v, f"--grid={k}={v:g}")
+                 for k, v in p.items()} for p in points]
     else:
       points = [hparams_registry.random_hparams(config, hs) for hs in
                 range(hparams_seed, hparams_seed + n_hparams)]
@@ -350,8 +352,9 @@ def main(argv):
       FLAGS.grid, FLAGS.n_hparams, FLAGS.hparams_seed, FLAGS.restarts,
       FLAGS.seed, FLAGS.set, FLAGS.data_dir)
   argv_ = [a for a in sys.argv[1:] if not a.startswith("--backend")]
-  command = " ".join([sys.executable, "-m", "experiments.sweep"] + argv_ +
-                     ["--run_trial=$SLURM_ARRAY_TASK_ID"])
+  # Every user value quoted for the shell; only the array index expands.
+  command = (shlex.join([sys.executable, "-m", "experiments.sweep"] + argv_)
+             + " --run_trial=$SLURM_ARRAY_TASK_ID")
   text = common.exit_on_bad_input(
       launch_sweep, trials, out, FLAGS.backend,
       trials_per_call=FLAGS.trials_per_call, ray_address=FLAGS.ray_address,

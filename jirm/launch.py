@@ -143,6 +143,10 @@ def write_slurm_array(work_dir: str, num_trials: int, command: str, *,
   """
   if num_trials < 1:
     raise ValueError(f"num_trials={num_trials}: nothing to submit.")
+  for a in sbatch_args:
+    if "\n" in a or "\r" in a:
+      raise ValueError(f"--sbatch={a!r}: one #SBATCH option per value, "
+                       f"without line breaks.")
   d = os.path.join(os.path.abspath(work_dir), "slurm")
   os.makedirs(d, exist_ok=True)
   lines = ["#!/bin/bash", "#SBATCH --job-name=jirm-sweep",

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -32,10 +33,29 @@ def atomic_write(path: str, text: str) -> None:
 
 
 def read_jsonl(path: str) -> list:
+  """The records of a JSONL file ([] if it does not exist).
+
+  A torn last line (a crash mid-write where renames are not atomic) is
+  dropped with a warning naming the file and line; the intact records are
+  kept (the next append rewrites the file without it). A bad line before
+  the last one raises ValueError naming the file and line.
+  """
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+  out = []
+  for k, (i, line) in enumerate(lines):
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if k < len(lines) - 1:
+        raise ValueError(f"{path}:{i} is not a JSON record ({e.msg}); fix "
+                         f"or remove that line.") from None
+      logging.warning("%s:%d: dropped a torn last line (%d characters); "
+                      "the %d records before it are kept.", path, i,
+                      len(line.rstrip("\n")), len(out))
+  return out
 
 
 def _strict(value):

@@ -1,0 +1,150 @@
+"""Faults and hostile input (issue 19): bad values are one line and exit 2,
+nothing is silently cast, torn or diverged records never reach a table, and
+the Slurm script passes every value to the trial byte for byte."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from experiments import common
+from experiments import sweep as sweep_exp
+from experiments.configs import colored_mnist as cm_configs
+from jirm import results
+from jirm import train as train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("raw", ["on", "y", "ture", "2"])
+def test_set_booleans_are_strict(raw):
+  c = ml_collections.ConfigDict(dict(flag=False, n=3, lr=0.1,
+                                     data=dict(k=1)))
+  if raw == "on":
+    assert common.apply_overrides(c, [f"flag={raw}"]).flag is True
+    return
+  with pytest.raises(ValueError, match=rf"--set='flag={raw}': a boolean; "
+                     r"use true or false"):
+    common.apply_overrides(c, [f"flag={raw}"])
+
+
+def test_set_and_grid_refuse_what_they_would_truncate():
+  c = ml_collections.ConfigDict(dict(n=3, data=dict(k=1)))
+  with pytest.raises(ValueError, match=r"--set='n=16.9': takes an int value, "
+                     r"not '16.9'"):
+    common.apply_overrides(c, ["n=16.9"])
+  assert common.apply_overrides(c, ["n=16.0"]).n == 16
+  with pytest.raises(ValueError, match=r"no config section 'bogus' in data"):
+    common.apply_overrides(c, ["data.bogus.x=1"])
+  with pytest.raises(ValueError, match=r"--grid=hidden_dim=16.9: takes an "
+                     r"int value"):
+    sweep_exp.make_trials("colored_mnist", ["irmv1"], "quick", "grid",
+                          ["hidden_dim=16,16.9"])
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.colored_mnist",
+                         *args], env=dict(os.environ, PYTHONPATH=ROOT),
+                        capture_output=True, text=True, timeout=120,
+                        cwd=ROOT)
+
+
+def test_bad_values_are_one_line_and_exit_2(tmp_path):
+  for args, says in [
+      (["--restarts=0"], "--restarts=0: use 1 or more."),
+      (["--set=preset=../../x"], "preset='../../x': names a path"),
+      (["--method=nope"], "unknown method 'nope'"),
+  ]:
+    p = _cli("--preset=quick", f"--output_dir={tmp_path / 'o'}", *args)
+    assert p.returncode == 2, (args, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and \
+        says in lines[0], (args, p.stderr)
+  assert not (tmp_path / "o" / "results.jsonl").exists()
+  (tmp_path / "file").write_text("x")
+  p = _cli("--preset=quick", f"--output_dir={tmp_path / 'file'}")
+  assert p.returncode == 2 and "is a file" in p.stderr
+
+
+def test_torn_last_line_is_dropped_and_records_kept(tmp_path, caplog):
+  path = str(tmp_path / "results.jsonl")
+  results.append_jsonl(path, [{"seed": 0}, {"seed": 1}])
+  with open(path, "a") as f:
+    f.write('{"seed": 2, "test_a')  # A crash mid-write.
+  assert results.read_jsonl(path) == [{"seed": 0}, {"seed": 1}]
+  assert f"{path}:3: dropped a torn last line" in caplog.text
+  results.append_jsonl(path, [{"seed": 2}])
+  assert [r["seed"] for r in results.read_jsonl(path)] == [0, 1, 2]
+  with open(path, "w") as f:
+    f.write('{"seed": 0}\ngarbage\n{"seed": 1}\n')
+  with pytest.raises(ValueError, match=r"results.jsonl:2 is not a JSON "
+                     r"record"):
+    results.read_jsonl(path)
+
+
+def test_diverged_restart_is_recorded_outside_every_table(tmp_path, capsys):
+  def run(config, seed, ckpt):
+    if seed == 1:
+      raise train_lib.DivergenceError("training diverged: term/irmv1 = nan "
+                                      "at step 3.")
+    return [dict(method=config.method, preset=config.preset, seed=seed,
+                 selection="last", train_acc=0.5, test_acc=0.5, wall_s=1.0,
+                 config=config.to_dict())]
+  c = ml_collections.ConfigDict(dict(method="irmv1", preset="quick"))
+  common.run_restarts([c], 3, 0, str(tmp_path), run, lambda _: None)
+  recs = results.read_jsonl(str(tmp_path / "results.jsonl"))
+  assert [r["seed"] for r in recs] == [0, 2]
+  (failed,) = results.read_jsonl(str(tmp_path / common.FAILED))
+  assert failed["status"] == "diverged" and failed["seed"] == 1
+  assert failed["reason"].endswith("term/irmv1 = nan at step 3.")
+  assert "irmv1-quick seed 1: diverged" in capsys.readouterr().out
+  common.run_restarts([c], 3, 0, str(tmp_path), run, lambda _: None)
+  assert "skip irmv1-quick seed 1: it diverged before" in (
+      capsys.readouterr().out)
+
+
+def test_slurm_script_passes_every_value_byte_for_byte(tmp_path):
+  out = tmp_path / "sweep dir"  # A space in the path.
+  marker = tmp_path / "pwned"
+  note = f"$(touch {marker}) `touch {marker}` \"q\" 'q' ; echo $HOME"
+  args = ["--experiment=colored_mnist", "--method=irmv1", "--preset=quick",
+          "--grid=penalty_weight=10,100", "--restarts=1",
+          f"--output_dir={out}", f"--set=note={note}"]
+  subprocess.run([sys.executable, "-m", "experiments.sweep", *args,
+                  "--backend=slurm"], env=dict(os.environ, PYTHONPATH=ROOT),
+                 check=True, capture_output=True, timeout=120, cwd=ROOT)
+  script = (out / "slurm" / "sweep.sbatch").read_text()
+  line = [l for l in script.splitlines() if "--run_trial" in l][0]
+  assert line.startswith(shlex.quote(sys.executable) + " ")
+  # Run the line as the array element would, with a stand-in for Python
+  # that records the arguments it receives.
+  fake = tmp_path / "fake_python"
+  fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                  f"json.dump(sys.argv[1:], open({str(tmp_path / 'argv')!r}, "
+                  f"'w'))\n")
+  os.chmod(fake, 0o755)
+  line = shlex.quote(str(fake)) + line[len(shlex.quote(sys.executable)):]
+  subprocess.run(["bash", "-c", line], env=dict(os.environ,
+                                                SLURM_ARRAY_TASK_ID="1"),
+                 check=True, timeout=60)
+  got = json.loads((tmp_path / "argv").read_text())
+  assert got == ["-m", "experiments.sweep", *args, "--run_trial=1"]
+  assert not marker.exists()
+  trials = json.loads((out / "trials.json").read_text())
+  assert cm_configs.get_config("irmv1", "quick").note != note
+  assert trials[0]["overrides"] == [f"note={note}"]
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_fit_refuses_a_bad_batch_size(synthetic_mnist, bad):
+  import jirm  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  splits = jirm.data.colored_mnist(0, data_num=200, mnist=synthetic_mnist)
+  with pytest.raises(ValueError, match=rf"batch_size={bad!r}: use a positive "
+                     r"integer or None"):
+    jirm.fit(splits, model=jirm.models.mlp(4), objective=jirm.erm,
+             optimizer=optax.sgd(0.1), steps=1, batch_size=bad)
