@@ -335,6 +335,7 @@ class Term:
   name: str
   impl: Callable[..., jax.Array]
   options: tuple = ()
+  choices: tuple = ()  # (option, allowed values) pairs, checked on call.
 
   def __call__(self, **options) -> "Term":
     allowed = [p for p in inspect.signature(self.impl).parameters
@@ -343,6 +344,10 @@ class Term:
     if bad:
       raise TypeError(f"{self.name} has no option(s) {bad}; options are "
                       f"{allowed}.")
+    for option, values in self.choices:
+      if option in options and options[option] not in values:
+        raise ValueError(f"{self.name}({option}={options[option]!r}): use "
+                         f"one of {list(values)}.")
     merged = dict(self.options)
     merged.update(options)
     return dataclasses.replace(self, options=tuple(sorted(merged.items())))
@@ -460,14 +465,16 @@ class Objective:
     return " + ".join(parts)
 
 
-erm = Term("erm", _erm)
+erm = Term("erm", _erm, choices=(("reduction", ("mean", "sum", "pooled")),))
 l2 = Term("l2", _l2)
-irmv1 = Term("irmv1", _irmv1)
+irmv1 = Term("irmv1", _irmv1, choices=(
+    ("variant", ("full", "split", "split_perm", "env_scale")),))
 irmv1_head = Term("irmv1_head", _irmv1_head)
-vrex = Term("vrex", _vrex)
+vrex = Term("vrex", _vrex, choices=(("variant", ("var", "diff_sq")),))
 mm_rex = Term("mm_rex", _mm_rex)
 rvp = Term("rvp", _rvp)
-irm_tv_l1 = Term("irm_tv_l1", _irm_tv_l1)
+irm_tv_l1 = Term("irm_tv_l1", _irm_tv_l1, choices=(
+    ("form", ("two_env", "multi_env", "minibatch")),))
 irm_tv_l2 = Term("irm_tv_l2", _irm_tv_l2)
 bayesian_irm = Term("bayesian_irm", _bayesian_irm)
 

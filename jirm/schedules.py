@@ -24,6 +24,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 RESCALES = ("none", "lambda_if_gt1", "one_plus_lambda_if_gt1",
             "one_plus_lambda")
@@ -106,6 +107,14 @@ def preset(name: str, *, weight: float, anneal: int, ramp: bool = False,
     >>> float(s(499)), float(s(500)), s.reset_step
     (1.0, 100.0, 500)
   """
+  for arg, value in (("anneal", anneal), ("steps_per_epoch", steps_per_epoch)):
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+        and not (isinstance(value, float) and value.is_integer())):
+      raise ValueError(f"{arg}={value!r}: a whole number of steps (no "
+                       f"silent truncation).")
+  if anneal < 0 or steps_per_epoch < 1:
+    raise ValueError(f"anneal={anneal!r} must be >= 0 and steps_per_epoch="
+                     f"{steps_per_epoch!r} >= 1.")
   if ramp and name != "irmbed":
     raise ValueError(f"ramp=True is IRMBed's schedule; got preset {name!r}.")
   # A traced weight (jirm.sweep) stays an array; anneal must be concrete.

@@ -255,9 +255,10 @@ def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
     DivergenceError: a metric or a floating leaf of the state became NaN or
       Inf; the message names the step and the term or leaf.
   """
-  if steps < 1 or eval_every < 1:
-    raise ValueError(f"steps={steps!r} and eval_every={eval_every!r} must be "
-                     f">= 1.")
+  for arg, value in (("steps", steps), ("eval_every", eval_every)):
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+        or value < 1):
+      raise ValueError(f"{arg}={value!r}: use a whole number >= 1.")
   if runner not in RUNNERS:
     raise ValueError(f"runner={runner!r}: use one of {RUNNERS}.")
   check_batch_size(batch_size, splits.train)

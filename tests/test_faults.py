@@ -148,3 +148,23 @@ def test_fit_refuses_a_bad_batch_size(synthetic_mnist, bad):
                      r"integer or None"):
     jirm.fit(splits, model=jirm.models.mlp(4), objective=jirm.erm,
              optimizer=optax.sgd(0.1), steps=1, batch_size=bad)
+
+
+def test_library_misuse_is_a_value_error_naming_the_argument(synthetic_mnist):
+  import jirm  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  splits = jirm.data.colored_mnist(0, data_num=200, mnist=synthetic_mnist)
+  kw = dict(model=jirm.models.mlp(4), objective=jirm.erm,
+            optimizer=optax.sgd(0.1), steps=2)
+  for bad, match in [(dict(steps=2.5), r"steps=2.5: use a whole number"),
+                     (dict(eval_every=0), r"eval_every=0: use a whole"),
+                     (dict(optimizer=0.1), r"optimizer=0.1: an optax"),
+                     (dict(objective="irmv1"), r"objective='irmv1': compose")]:
+    with pytest.raises(ValueError, match=match):
+      jirm.fit(splits, **dict(kw, **bad))
+  with pytest.raises(ValueError, match=r"irmv1\(variant='nonsense'\): use one "
+                     r"of \['full'"):
+    jirm.irmv1(variant="nonsense")
+  with pytest.raises(ValueError, match=r"anneal=2.7: a whole number"):
+    jirm.schedules.preset("irm", weight=10.0, anneal=2.7)
+  assert jirm.schedules.preset("irm", weight=10.0, anneal=3.0).anneal == 3

@@ -102,8 +102,12 @@ def make_eval_fn(apply_fn, task: str = "binary"):
 
 
 def _as_objective(objective):
-  return objective * 1.0 if isinstance(objective, objectives.Term) else (
-      objective)
+  if isinstance(objective, objectives.Term):
+    return objective * 1.0
+  if not isinstance(objective, objectives.Objective):
+    raise ValueError(f"objective={objective!r}: compose one from jirm's "
+                     f"terms, e.g. jirm.erm + 1e4 * jirm.irmv1.")
+  return objective
 
 
 def from_objective(model, objective: objectives.Objective,
@@ -141,6 +145,9 @@ def from_objective(model, objective: objectives.Objective,
     >>> state, metrics = jax.jit(method.update)(state, data)
   """
   objective = _as_objective(objective)
+  if not isinstance(optimizer, optax.GradientTransformation):
+    raise ValueError(f"optimizer={optimizer!r}: an optax transformation, "
+                     f"e.g. optax.adam(1e-3).")
   from jirm import deep  # pylint: disable=g-import-not-at-top
   if isinstance(model, deep.DeepModel):
     return deep.deep_method(model, objective, optimizer, task=task,
