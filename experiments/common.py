@@ -218,7 +218,12 @@ def start(flags_, write_reports) -> bool:
   if not flags_["verbosity"].present:  # Keep tfds/orbax INFO chatter out.
     logging.set_verbosity(logging.WARNING)
   if flags_.report_only:
-    write_reports(flags_.output_dir)
+    out = flags_.output_dir
+    if not os.path.isfile(os.path.join(out, "results.jsonl")):
+      print(f"error: --report_only: no {os.path.join(out, 'results.jsonl')}; "
+            f"point --output_dir at a directory with results.", file=sys.stderr)
+      sys.exit(2)
+    write_reports(out)
     return True
   return False
 

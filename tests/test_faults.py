@@ -68,6 +68,10 @@ def test_bad_values_are_one_line_and_exit_2(tmp_path):
   (tmp_path / "file").write_text("x")
   p = _cli("--preset=quick", f"--output_dir={tmp_path / 'file'}")
   assert p.returncode == 2 and "is a file" in p.stderr
+  p = _cli("--report_only", f"--output_dir={tmp_path / 'missing'}")
+  assert p.returncode == 2 and p.stderr.startswith(
+      "error: --report_only: no ") and len(p.stderr.splitlines()) == 1
+  assert not (tmp_path / "missing").exists()
 
 
 def test_torn_last_line_is_dropped_and_records_kept(tmp_path, caplog):
@@ -168,3 +172,22 @@ def test_library_misuse_is_a_value_error_naming_the_argument(synthetic_mnist):
   with pytest.raises(ValueError, match=r"anneal=2.7: a whole number"):
     jirm.schedules.preset("irm", weight=10.0, anneal=2.7)
   assert jirm.schedules.preset("irm", weight=10.0, anneal=3.0).anneal == 3
+
+
+@pytest.mark.parametrize("data_num", [2.5, 1, True])
+def test_colored_mnist_refuses_a_bad_data_num(synthetic_mnist, data_num):
+  import jirm  # pylint: disable=g-import-not-at-top
+  with pytest.raises(jirm.data.DataError, match=rf"data_num={data_num!r}: "
+                     r"a whole number of training images, at least 2 per "
+                     r"environment \(4 here\)"):
+    jirm.data.colored_mnist(0, data_num=data_num, mnist=synthetic_mnist)
+
+
+def test_colored_mnist_refuses_images_and_labels_of_different_lengths(
+    synthetic_mnist):
+  import jirm  # pylint: disable=g-import-not-at-top
+  (tr_img, tr_dig), test = synthetic_mnist
+  with pytest.raises(jirm.data.DataError, match=r"differ in length: train "
+                     rf"{len(tr_img)} / {len(tr_dig) - 1}"):
+    jirm.data.colored_mnist(0, data_num=100,
+                            mnist=((tr_img, tr_dig[:-1]), test))

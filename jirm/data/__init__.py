@@ -344,9 +344,21 @@ def colored_mnist(seed: int = 0, *, variant: str = "irm",
   _check_prob("test_e", test_e)
   _check_prob("label_noise", label_noise)
   _check_prob("val_fraction", val_fraction)
+  if variant != "domainbed":
+    n_env = len(train_es) + (1 if val == "holdout" else 0)
+    if (isinstance(data_num, bool) or
+        not isinstance(data_num, (int, np.integer)) or
+        data_num < 2 * n_env):
+      raise DataError(f"data_num={data_num!r}: a whole number of training "
+                      f"images, at least 2 per environment "
+                      f"({2 * n_env} here).")
   if mnist is None:
     mnist = (load_mnist("train", data_dir), load_mnist("test", data_dir))
   (tr_img, tr_dig), (te_img, te_dig) = mnist
+  if len(tr_img) != len(tr_dig) or len(te_img) != len(te_dig):
+    raise DataError(f"mnist images and labels differ in length: train "
+                    f"{len(tr_img)} / {len(tr_dig)}, test {len(te_img)} / "
+                    f"{len(te_dig)}.")
   rng = np.random.default_rng(seed)
   info = dict(dataset="colored_mnist", variant=variant, seed=seed,
               train_es=list(train_es), label_noise=label_noise,
