@@ -106,6 +106,11 @@ def record_key(record: dict) -> Optional[str]:
   return run_key(record["config"]) if "config" in record else None
 
 
+def _recorded(path):
+  """(run key, seed) of every record in the JSONL file ``path``."""
+  return {(record_key(r), r["seed"]) for r in results_lib.read_jsonl(path)}
+
+
 def _unique(record):
   return (record_key(record), record["seed"], record["selection"])
 
@@ -137,6 +142,7 @@ def run_restarts(configs, restarts, seed, output_dir, run_restart, report,
   """
   if not isinstance(restarts, int) or restarts < 1:
     raise ValueError(f"--restarts={restarts!r}: use 1 or more.")
+  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
   out = os.path.abspath(output_dir)
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"--output_dir={output_dir!r} is a file; give a "
@@ -166,12 +172,10 @@ def run_restarts(configs, restarts, seed, output_dir, run_restart, report,
             f"({', '.join(sorted(map(str, others)))}); its restarts run under "
             f"key {key} and the other records stay as they are.", flush=True)
     for s in range(seed, seed + restarts):
-      done = {(record_key(r), r["seed"]) for r in results_lib.read_jsonl(path)}
-      if (key, s) in done:
+      if (key, s) in _recorded(path):
         logging.info("skip %s seed %d (already in %s)", name, s, path)
         continue
-      if (key, s) in {(record_key(r), r["seed"])
-                      for r in results_lib.read_jsonl(failed_path)}:
+      if (key, s) in _recorded(failed_path):
         print(f"skip {name} seed {s}: it diverged before (see "
               f"{failed_path}; delete its line to run it again).", flush=True)
         continue
@@ -183,14 +187,12 @@ def run_restarts(configs, restarts, seed, output_dir, run_restart, report,
               f"({lock}).", flush=True)
         continue
       try:
-        done = {(record_key(r), r["seed"])
-                for r in results_lib.read_jsonl(path)}
-        if (key, s) in done:  # Finished by another process meanwhile.
+        if (key, s) in _recorded(path):  # Finished by another process.
           continue
         ckpt = os.path.join(out, "checkpoints", tag)
         try:
           records = run_restart(config, s, ckpt)
-        except FloatingPointError as e:  # jirm.train.DivergenceError.
+        except train_lib.DivergenceError as e:
           results_lib.append_jsonl(failed_path, [dict(
               diverged_record(config, s, str(e)), run_key=key)],
                                    unique=_unique)

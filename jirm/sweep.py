@@ -160,9 +160,7 @@ def fit_sweep(splits, method_fn: Optional[Callable[[HParams], Any]] = None,
   seeds = [int(s) for s in seeds]
   if not seeds:
     raise ValueError("seeds is empty; give at least one seed.")
-  if steps < 1 or eval_every < 1:
-    raise ValueError(f"steps={steps!r} and eval_every={eval_every!r} must be "
-                     f">= 1.")
+  train_lib.check_steps(steps, eval_every)
   hparams = dict(hparams or {})
   per_seed = callable(splits)
   splits_of = {}
@@ -230,12 +228,11 @@ def fit_sweep(splits, method_fn: Optional[Callable[[HParams], Any]] = None,
 
   data_axis = 0 if per_seed else None
   vrun = jax.jit(jax.vmap(sweep_run, in_axes=(0, 0, data_axis)))
-  shared = None if per_seed else place(arrays(first), False)
-  first_train = arrays(first)[0]
-  if first_train is None:
-    first_train = train_lib.EnvArrays.from_envs(first.train)
+  first_data = arrays(first)
+  shared = None if per_seed else place(first_data, False)
   leaf_names = train_lib.leaf_names(jax.eval_shape(
-      probe.init, jax.random.key(0), first_train))
+      probe.init, jax.random.key(0),
+      first_data[1]["train"] if first_data[0] is None else first_data[0]))
   env_names = train_lib.env_names_of(first)
   results = [None] * n
   for lo in range(0, n, chunk):
@@ -278,13 +275,14 @@ def _result(method, state, rows, metrics_S, finite_SL, leaf_names,
             env_names, wall):
   """One trial's FitResult; a diverged trial keeps the evaluations before
   its first bad update and has no selections."""
-  msg = train_lib.first_divergence(metrics_S, finite_SL, leaf_names)
+  bad = train_lib.first_divergence(metrics_S, finite_SL, leaf_names)
   history = {k: np.asarray(v) for k, v in rows.items()}
-  if msg is None:
+  msg = None
+  if bad is None:
     selections = train_lib.select(history, env_names)
   else:
-    bad = int(np.argmax(~train_lib.finite_steps(metrics_S, finite_SL)))
-    keep = history["step"] <= bad
+    step, msg = bad
+    keep = history["step"] <= step
     history = {k: v[keep] for k, v in history.items()}
     selections = {}
   return train_lib.FitResult(method.export(state), history, selections,

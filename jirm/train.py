@@ -187,6 +187,15 @@ def _subset(envs: data_lib.Envs, max_per_env: Optional[int]):
                        envs.spurious)
 
 
+def check_steps(steps: int, eval_every: int) -> None:
+  """Raises ValueError unless ``steps`` and ``eval_every`` are whole numbers
+  >= 1."""
+  for arg, value in (("steps", steps), ("eval_every", eval_every)):
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+        or value < 1):
+      raise ValueError(f"{arg}={value!r}: use a whole number >= 1.")
+
+
 def check_batch_size(batch_size: Optional[int], envs: data_lib.Envs) -> None:
   """Raises ValueError unless ``batch_size`` is None or fits every env."""
   if batch_size is None:
@@ -255,10 +264,7 @@ def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
     DivergenceError: a metric or a floating leaf of the state became NaN or
       Inf; the message names the step and the term or leaf.
   """
-  for arg, value in (("steps", steps), ("eval_every", eval_every)):
-    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-        or value < 1):
-      raise ValueError(f"{arg}={value!r}: use a whole number >= 1.")
+  check_steps(steps, eval_every)
   if runner not in RUNNERS:
     raise ValueError(f"runner={runner!r}: use one of {RUNNERS}.")
   check_batch_size(batch_size, splits.train)
@@ -415,9 +421,7 @@ def scan_run(method, key, train, evals: dict, *, steps: int,
     ...                                    {'test': test}, steps=100))
     >>> state, rows, metrics_S, finite_SL = run(jax.random.key(0))
   """
-  if steps < 1 or eval_every < 1:
-    raise ValueError(f"steps={steps!r} and eval_every={eval_every!r} must be "
-                     f">= 1.")
+  check_steps(steps, eval_every)
   acc_fn = make_accuracy_fn(method.predict, task, chunk)
   update = _checked(method.update)
 
@@ -464,8 +468,9 @@ def finite_steps(metrics_S: dict, finite_SL) -> np.ndarray:
   return ok_S
 
 
-def first_divergence(metrics_S: dict, finite_SL, leaf_names) -> Optional[str]:
-  """The divergence message of the first bad update of a scanned run.
+def first_divergence(metrics_S: dict, finite_SL,
+                     leaf_names) -> Optional[tuple[int, str]]:
+  """The first bad update of a scanned run and its divergence message.
 
   Args:
     metrics_S: every update's metrics (host arrays, leading axis = update).
@@ -473,7 +478,8 @@ def first_divergence(metrics_S: dict, finite_SL, leaf_names) -> Optional[str]:
     leaf_names: the state's floating leaf paths (:func:`leaf_names`).
 
   Returns:
-    None if every metric and state leaf stayed finite, else the message
+    None if every metric and state leaf stayed finite, else ``(step,
+    message)``: the index of the first bad update and the message
     :class:`DivergenceError` carries in the host loop (same step and term).
   """
   ok_S = finite_steps(metrics_S, finite_SL)
@@ -482,10 +488,10 @@ def first_divergence(metrics_S: dict, finite_SL, leaf_names) -> Optional[str]:
   b = int(np.argmax(~ok_S))
   finite_SL = np.asarray(finite_SL)
   try:
-    _check_finite([{k: v[b] for k, v in metrics_S.items()}], b, 0, None)
-    _check_state(finite_SL[b], leaf_names, b, 0, None)
+    _check_finite({k: v[b] for k, v in metrics_S.items()}, b, None, None)
+    _check_state(finite_SL[b], leaf_names, b, None, None)
   except DivergenceError as e:
-    return str(e)
+    return b, str(e)
   raise AssertionError("unreachable: a bad step with nothing non-finite")
 
 
@@ -493,10 +499,10 @@ def _scan_fit(method, key, train, evals, *, steps, eval_every, task, chunk):
   state, rows, metrics, ok = _scan_run(method, key, train, evals,
                                        steps=steps, eval_every=eval_every,
                                        task=task, chunk=chunk)
-  msg = first_divergence(jax.device_get(metrics), jax.device_get(ok),
+  bad = first_divergence(jax.device_get(metrics), jax.device_get(ok),
                          leaf_names(state))
-  if msg is not None:
-    raise DivergenceError(msg)
+  if bad is not None:
+    raise DivergenceError(bad[1])
   history = {k: np.asarray(v) for k, v in jax.device_get(rows).items()}
   return state, history
 
@@ -569,7 +575,7 @@ def run_loop(state, step_fn, evaluate, *, steps: int, eval_every: int,
         fetched = jax.device_get(pending)
         first = i + 1 - len(fetched)
         for k, (aux_k, ok_k) in enumerate(fetched):
-          _check_finite([aux_k], first + k, good, checkpoint_dir)
+          _check_finite(aux_k, first + k, good, checkpoint_dir)
           _check_state(ok_k, names, first + k, good, checkpoint_dir)
         fetched = [a for a, _ in fetched]
         row = evaluate(state, aux)
@@ -602,21 +608,22 @@ def _metric_rank(name: str) -> int:
   return 0 if name.startswith(("term/", "weight/")) else 1
 
 
-def _check_finite(auxes, first_step, last_saved, checkpoint_dir):
-  for k, aux in enumerate(auxes):
-    bad = []
-    for name, v in aux.items():
-      v = np.asarray(v)
-      if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
-        bad.append((name, v))
-    if bad:
-      bad.sort(key=lambda nv: _metric_rank(nv[0]))
-      (name, v), rest = bad[0], [n for n, _ in bad[1:]]
-      also = f" (also non-finite: {', '.join(rest)})" if rest else ""
-      raise DivergenceError(
-          f"training diverged: {name} = {v.tolist()} at step "
-          f"{first_step + k}{_where(last_saved, checkpoint_dir)}{also}. "
-          f"Lower the learning rate or the penalty weight.")
+def _check_finite(aux, step, last_saved, checkpoint_dir):
+  """Raises DivergenceError if a floating value of one step's metrics is
+  NaN/Inf (terms and weights named before the total)."""
+  bad = []
+  for name, v in aux.items():
+    v = np.asarray(v)
+    if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
+      bad.append((name, v))
+  if bad:
+    bad.sort(key=lambda nv: _metric_rank(nv[0]))
+    (name, v), rest = bad[0], [n for n, _ in bad[1:]]
+    also = f" (also non-finite: {', '.join(rest)})" if rest else ""
+    raise DivergenceError(
+        f"training diverged: {name} = {v.tolist()} at step "
+        f"{step}{_where(last_saved, checkpoint_dir)}{also}. "
+        f"Lower the learning rate or the penalty weight.")
 
 
 def _check_state(ok_L, names, step, last_saved, checkpoint_dir):
