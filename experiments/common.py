@@ -199,8 +199,10 @@ def run_restarts(configs, restarts, seed, output_dir, run_restart, report,
           print(f"{name} seed {s}: diverged, recorded in {failed_path} and "
                 f"in no table: {e}", flush=True)
           continue
+        where = results_lib.machine()
         for r in records:
           r["run_key"] = key
+          r["machine"] = where
         results_lib.append_jsonl(path, records, unique=_unique)
         shutil.rmtree(ckpt, ignore_errors=True)  # The record is the result.
       finally:

@@ -8,6 +8,7 @@ import fcntl
 import json
 import logging
 import os
+import platform
 import socket
 import tempfile
 from typing import Callable, Hashable, Iterable, Optional, Sequence
@@ -78,6 +79,49 @@ def dumps(record: dict) -> str:
   as ``null``, never as the ``NaN``/``Infinity`` tokens most JSON readers
   reject)."""
   return json.dumps(_strict(record), sort_keys=True, allow_nan=False)
+
+
+_VERSIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex",
+             "numpy")
+
+
+def machine() -> dict:
+  """Where a run ran: CPU model, its widest SIMD, cores, library versions.
+
+  Records carry it (``machine``), because float rounding, XLA's kernel
+  choices and hence chaotic training runs differ between CPUs (an AVX-512
+  and an AVX2 machine give different last bits for the same program).
+
+  Returns:
+    ``dict(cpu=..., simd='AVX-512'|'AVX2'|'no AVX2', cores=int,
+    python=..., versions={package: version})``.
+
+  Example:
+    >>> sorted(machine())
+    ['cores', 'cpu', 'python', 'simd', 'versions']
+  """
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  cpu, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name") and ":" in line:
+          cpu = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and ":" in line:
+          flags = set(line.split(":", 1)[1].split())
+          break
+  except OSError:
+    pass
+  simd = "AVX-512" if "avx512f" in flags else (
+      "AVX2" if "avx2" in flags else "no AVX2")
+  versions = {}
+  for name in _VERSIONS:
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      versions[name] = None
+  return dict(cpu=cpu, simd=simd, cores=os.cpu_count(),
+              python=platform.python_version(), versions=versions)
 
 
 @contextlib.contextmanager

@@ -94,19 +94,8 @@ def pytest_report_header(config):
     except metadata.PackageNotFoundError:
       return "-"
 
-  cpu, flags = platform.processor() or platform.machine(), set()
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name") and ":" in line:
-          cpu = line.split(":", 1)[1].strip()
-        elif line.startswith("flags") and ":" in line:
-          flags = set(line.split(":", 1)[1].split())
-          break
-  except OSError:
-    pass
-  simd = "AVX-512" if "avx512f" in flags else (
-      "AVX2" if "avx2" in flags else "no AVX2")
+  from jirm import results  # pylint: disable=g-import-not-at-top
+  m = results.machine()
   return [f"versions: python {platform.python_version()}, " + ", ".join(
       f"{n} {version(n)}" for n in _REPORTED),
-          f"cpu: {cpu} ({simd}, {os.cpu_count()} cores)"]
+          f"cpu: {m['cpu']} ({m['simd']}, {m['cores']} cores)"]

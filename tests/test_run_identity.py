@@ -54,6 +54,10 @@ def test_changed_config_runs_under_a_new_key_and_says_so(tmp_path, capsys):
   recs = results.read_jsonl(str(tmp_path / "results.jsonl"))
   assert (tmp_path / "results.jsonl").read_text().startswith(before)
   assert {r["run_key"] for r in recs} == {k1, k2} and len(recs) == 8
+  # Every record says where it ran (chaotic runs differ between CPUs).
+  assert {r["machine"]["simd"] for r in recs} <= {"AVX-512", "AVX2",
+                                                  "no AVX2"}
+  assert all(r["machine"]["versions"]["jax"] for r in recs)
   # The summary keeps the two configs apart.
   table = results.summary_table(recs)
   assert f"| irmv1 (config {k1}) | quick | last | 2 |" in table
