@@ -78,17 +78,23 @@ RTOL = 1e-5
 ATOL = 1e-7
 
 
-# IPG cases whose Adam runs with eps 1e-3 instead of 1e-8. IPG's corrective
-# gradient g_d has elements that cancel to near zero (pair members share
-# most features); Adam's first steps map a gradient element g to
-# lr * g / (|g| + eps), so rounding noise in such an element is amplified by
-# lr / eps = 1e5 (measured: 2e-3 relative parameter differences between
-# XLA -O0 and -O3 after 8 steps at eps 1e-8, 2.6e-6 at eps 1e-4, 8e-7 at
-# eps 1e-3 on ColoredMNIST; the shift cases keep 4-6e-6 from IPG's c, a
-# symmetric KL between near-equal predictions). The code
-# path is the same; only the optimizer constant differs.
-IPG_ADAM_EPS = {("colored_mnist", "ipg"): 1e-3, ("shift", "ipg"): 1e-3,
-                ("shift", "ipg_group_dro"): 1e-3}
+# Cases whose Adam runs with eps 1e-3 instead of 1e-8. Adam's first steps
+# map a gradient element g to lr * g / (|g| + eps), so an element that
+# cancels to rounding noise (|g| ~ 1e-9) moves by a random +-lr/2 at eps
+# 1e-8: the noise is amplified by lr / eps = 1e5.
+# * IPG: its corrective gradient g_d has such elements (pair members share
+#   most features; measured: 2e-3 relative parameter differences between
+#   XLA -O0 and -O3 after 8 steps at eps 1e-8, 2.6e-6 at eps 1e-4, 8e-7 at
+#   eps 1e-3 on ColoredMNIST; the shift cases keep 4-6e-6 from IPG's c, a
+#   symmetric KL between near-equal predictions).
+# * Every CIFAR-MNIST case (ResNet, BatchNorm): the gradients of some
+#   BatchNorm biases cancel to that level (measured on an AVX-512 Xeon,
+#   -O0 against -O3 after 8 steps: IRMv1(h) 1.6e-4 and IRMGame(h) 1.7e-4
+#   relative at eps 1e-8, both 7e-7 at 1e-3; CI failed on them there).
+# The code path is the same; only the optimizer constant differs.
+ADAM_EPS = {("colored_mnist", "ipg"): 1e-3, ("shift", "ipg"): 1e-3,
+            ("shift", "ipg_group_dro"): 1e-3,
+            **{("cifar_mnist", m): 1e-3 for m in EXPERIMENTS["cifar_mnist"]}}
 
 
 @contextlib.contextmanager
@@ -173,7 +179,7 @@ def run_case(experiment: str, method: str) -> dict:
   """Runs one golden case through the experiment's restart function."""
   from experiments import common  # pylint: disable=g-import-not-at-top
   from experiments import irm_tv  # pylint: disable=g-import-not-at-top
-  eps = IPG_ADAM_EPS.get((experiment, method))
+  eps = ADAM_EPS.get((experiment, method))
   shrink = [f"steps={STEPS}", f"eval_every={EVAL_EVERY}"]
   # Every FitResult an experiment turns into records; irm_tv.run_restart
   # builds its records itself, so its fit's result.
@@ -237,6 +243,24 @@ def run_case(experiment: str, method: str) -> dict:
 
 
 # -------------------------------------------------------------- comparing
+def _scale(history: dict, key: str, a: np.ndarray) -> np.ndarray:
+  """What RTOL is relative to: ``|a|``, and for a loss term or the total
+  at least the ERM risk at the same evaluation. Terms are differences of
+  risks (InvRat's gap between environment-head and shared-head losses,
+  REx's variance, the total after a negative penalty): their rounding error
+  is a few ulps of the risks they are computed from (measured: InvRat's gap
+  of 2e-5 next to a risk of 0.6 differs by 6e-8 = 1 ulp of 0.6 between
+  -O0 and -O3), not of themselves.
+  """
+  scale = np.abs(a)
+  risk = history.get("term/erm")
+  if (key.startswith("term/") or key == "total") and risk is not None:
+    risk = np.abs(np.asarray(risk))
+    if risk.shape == a.shape:
+      scale = np.maximum(scale, risk)
+  return scale
+
+
 def compare(experiment: str, golden: dict, got: dict) -> list[str]:
   """Mismatches between two cases' numbers, one line each (empty: equal)."""
   bad = []
@@ -259,7 +283,7 @@ def compare(experiment: str, golden: dict, got: dict) -> list[str]:
       elif k == "step":
         ok = a == b
       else:
-        ok = np.abs(a - b) <= ATOL + RTOL * np.abs(a)
+        ok = np.abs(a - b) <= ATOL + RTOL * _scale(g["history"], k, a)
       ok = ok | (np.isnan(a) & np.isnan(b))
       if not ok.all():
         j = np.flatnonzero(~ok.ravel())[0]
@@ -302,7 +326,7 @@ def max_rel_diff(golden: dict, got: dict) -> float:
       a, b = np.asarray(g["history"][k]), np.asarray(n["history"][k])
       if a.shape == b.shape and a.size:
         with np.errstate(invalid="ignore", divide="ignore"):
-          r = np.abs(a - b) / np.maximum(np.abs(a), 1e-30)
+          r = np.abs(a - b) / np.maximum(_scale(g["history"], k, a), 1e-30)
         worst = max(worst, float(np.nanmax(np.where(np.abs(a - b) <= ATOL,
                                                     0.0, r))))
     for k, (na, pa) in g["params"].items():
