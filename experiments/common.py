@@ -3,8 +3,6 @@ loop that skips finished restarts, and report writing."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -76,31 +74,19 @@ def parse_grid(items) -> dict:
   return axes
 
 
-# Config fields that do not change what a restart computes (how often it
-# checkpoints, its description, whether IRM-TV's weight sweep keeps curves).
-_NOT_IDENTITY = ("checkpoint_every", "note", "sweep")
-
-
 # Restarts that diverged: one record each, outside results.jsonl (so no
 # table reads them); a rerun skips them and says so.
 FAILED = "failed.jsonl"
 _SAFE = re.compile(r"^(?!.*\.\.)[A-Za-z0-9_.,=+-]+$")
 
-
-def run_key(config: dict) -> str:
-  """A restart's identity without its seed: 10 hex digits of SHA-256 over
-  the resolved config (sorted JSON, without ``checkpoint_every``, ``note``
-  and ``sweep``). Two configs that differ in any setting get different keys, so
-  a rerun with a changed config never resumes, skips or pools with the
-  other config's restarts."""
-  d = {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
-  text = json.dumps(d, sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:10]
+run_key = results_lib.run_key
 
 
 def record_key(record: dict) -> Optional[str]:
   """The run key of a record: its ``run_key`` field, or for records written
-  before keys existed the key of the config the record holds."""
+  before keys existed the key of the config the record holds (records read
+  through :func:`jirm.results.read_jsonl`, whose old method names are
+  mapped to today's)."""
   if "run_key" in record:
     return record["run_key"]
   return run_key(record["config"]) if "config" in record else None
@@ -233,10 +219,20 @@ def start(flags_, write_reports) -> bool:
 
 
 def method_list(value: str, all_methods) -> tuple:
-  """``--method`` value -> methods: ``'all'`` or a comma list."""
+  """``--method`` value -> methods: ``'all'`` or a comma list. An old name
+  (``rex``, ``irm``, ``irm_game``) runs the method under its one name
+  (:data:`jirm.methods.registry.ALIASES`) and says so."""
+  from jirm.methods import registry  # pylint: disable=g-import-not-at-top
   if value == "all":
     return tuple(all_methods)
-  return tuple(m.strip() for m in value.split(",") if m.strip())
+  out = []
+  for m in (m.strip() for m in value.split(",")):
+    if m and registry.canonical(m) != m:
+      print(f"--method={m}: {m!r} is now called {registry.canonical(m)!r}; "
+            f"running {registry.canonical(m)!r}.", flush=True)
+    if m:
+      out.append(registry.canonical(m))
+  return tuple(out)
 
 
 def exit_on_bad_input(fn, *args, **kwargs):

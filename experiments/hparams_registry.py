@@ -13,6 +13,8 @@ import hashlib
 
 import numpy as np
 
+from jirm.methods import registry
+
 # key -> (kind, low, high): log10-uniform, or a choice among values.
 SPACE = {
     "lr": ("log10", -4.5, -2.5),
@@ -25,11 +27,11 @@ TRACEABLE = ("lr", "l2", "penalty_weight")
 
 
 def _has_penalty(config) -> bool:
-  penalty = config.get("penalty", None)
-  if penalty is not None:  # irm_tv / sparse_irm style configs.
-    return penalty not in ("none", "") and config.method not in (
-        "erm", "oracle", "sparse_erm")
-  return config.method not in ("erm", "oracle")
+  """Whether the method has a penalty weight (the registry says), and for
+  IRM-TV's configs whether this config switches it on."""
+  if not registry.get(config.method).penalized:
+    return False
+  return config.get("penalty", "") not in ("none",)
 
 
 def search_space(config) -> dict:

@@ -53,7 +53,7 @@ def load(config, root, seed=0):
   """The dataset of ``config`` from ``root`` (groups as training envs for
   GroupDRO and the IRM penalties, one pooled env otherwise)."""
   d = config.data
-  groups = config.method in ("group_dro", "ipg_group_dro", "irmv1", "rex")
+  groups = config.method in ("group_dro", "ipg_group_dro", "irmv1", "vrex")
   kw = dict(image_size=d.image_size)
   if config.dataset == "colored_object":
     cons = tuple(float(v) for v in d.cons.split(","))
@@ -75,7 +75,7 @@ def build_run(config, root, seed):
   base = {"ipg": "erm", "ipg_group_dro": "group_dro"}.get(config.method,
                                                            config.method)
   sched = None
-  if base in ("irmv1", "rex"):
+  if base in ("irmv1", "vrex"):
     sched = jirm.schedules.preset("irmbed", weight=config.penalty_weight,
                                   anneal=config.anneal)
   objective, game = deep.build_method(base, schedule=sched,

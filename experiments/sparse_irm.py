@@ -2,7 +2,7 @@ r"""Regenerates SparseIRM's MLP tables (Zhou et al., ICML 2022, Table 1/2,
 Figure 3).
 
   python -m experiments.sparse_irm --dataset=cmnist --data_num=50000 \
-      --penalty=irmv1 --methods=erm,oracle,irm,mrm,sparse_irm,sparse_erm \
+      --penalty=irmv1 --methods=erm,oracle,irmv1,mrm,sparse_irm,sparse_erm \
       --hidden=64,160,256,390,512,640 --restarts=5 --output_dir=/tmp/sirm
 
 Writes ``results.jsonl`` (one line per restart and selection rule, with the
@@ -34,20 +34,21 @@ import jirm
 from jirm import masks as masks_lib
 from jirm import results as results_lib
 from jirm import sparse
+from jirm.methods import registry
 
 # SPEC §7, ColoredMNIST 50000, hidden 64/160/256/390/512/640.
 PUBLISHED = {
     ("cmnist", "irmv1"): {
-        "irm": (59.80, 68.50, 66.09, 63.24, 61.86, 60.21),
+        "irmv1": (59.80, 68.50, 66.09, 63.24, 61.86, 60.21),
         "mrm": (62.02, 68.33, 68.93, 69.22, 69.65, 69.32),
         "sparse_irm": (63.49, 69.95, 71.06, 72.48, 73.10, 73.61),
         "erm": (14.87, 20.16, 21.27, 22.44, 22.85, 22.57),
         "oracle": (72.62, 72.94, 73.00, 73.01, 74.17, 74.52)},
-    ("cmnist", "rex"): {
-        "irm": (58.38, 68.75, 69.46, 68.84, 62.38, 59.11),
+    ("cmnist", "vrex"): {
+        "irmv1": (58.38, 68.75, 69.46, 68.84, 62.38, 59.11),
         "sparse_irm": (63.60, 69.78, 70.87, 71.09, 71.40, 71.84)},
     ("fullcmnist", "irmv1"): {
-        "irm": (56.36, 63.36, 64.97, 60.62, 59.75, 57.51),
+        "irmv1": (56.36, 63.36, 64.97, 60.62, 59.75, 57.51),
         "sparse_irm": (65.06, 67.30, 68.24, 68.88, 69.20, 69.47)},
 }
 PAPER_HIDDEN = (64, 160, 256, 390, 512, 640)
@@ -56,12 +57,12 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  flags.DEFINE_string("methods", "irm,sparse_irm", "Comma list of "
+  flags.DEFINE_string("methods", "irmv1,sparse_irm", "Comma list of "
                       f"{configs.METHODS}.")
   flags.DEFINE_string("dataset", "cmnist", "'cmnist' (Lin et al. "
                       "ColoredMNIST) or 'fullcmnist' (10 classes).")
   flags.DEFINE_integer("data_num", 50_000, "Training images (50000, 20000).")
-  flags.DEFINE_string("penalty", "irmv1", "'irmv1' (env_scale) or 'rex'.")
+  flags.DEFINE_string("penalty", "irmv1", "'irmv1' (env_scale) or 'vrex'.")
   flags.DEFINE_list("hidden", ["390"], "Hidden widths.")
   flags.DEFINE_string("preset", "paper", "'paper' or 'quick'.")
   flags.DEFINE_integer("restarts", 1, "Restarts (seeds seed..).")
@@ -102,7 +103,7 @@ def build_objective(config):
   obj = jirm.erm * 1.0 + config.l2 * jirm.l2
   if config.method in ("erm", "oracle", "sparse_erm"):
     return obj
-  name, options = configs.PENALTIES[config.penalty]
+  name, options = config.penalty, configs.PENALTIES[config.penalty]
   sched = jirm.schedules.preset("lin", weight=config.penalty_weight,
                                 anneal=config.anneal)
   return obj + sched * getattr(jirm.objectives, name)(**options)
@@ -178,19 +179,36 @@ def _save_params(checkpoint_dir, params):
   os.replace(tmp, path)
 
 
+def _names_then(name):
+  """``name`` and the names the same restart was saved under before the
+  method / penalty renames (``irm-paper-rex-...`` for
+  ``irmv1-paper-vrex-...``)."""
+  method, preset, penalty, rest = name.split("-", 3)
+  olds = lambda n: (n,) + tuple(a for a, new in registry.ALIASES.items()
+                                if new == n)
+  return [f"{m}-{preset}-{p}-{rest}" for m in olds(method)
+          for p in olds(penalty)]
+
+
 def load_params(dirs, name):
   """Final parameters of restart ``name`` (e.g. ``'sparse_irm-paper-irmv1-
   640-cmnist-50000-seed0'``) saved by :func:`run` in one of ``dirs`` (as
-  ``<name without seed>-<run key>-seed<s>``; one config per directory)."""
+  ``<name without seed>-<run key>-seed<s>``; one config per directory;
+  files saved under a method's old name are found too)."""
   paths = [os.path.join(d, "params", name + ".msgpack") for d in dirs]
-  prefix, seed_part = name.rsplit("-", 1)
-  keyed = re.compile(re.escape(prefix) + r"-[0-9a-f]{10}-" +
-                     re.escape(seed_part) + r"\.msgpack$")
+  keyed = []
+  for n in _names_then(name):
+    prefix, seed_part = n.rsplit("-", 1)
+    keyed.append(re.compile(re.escape(prefix) + r"-[0-9a-f]{10}-" +
+                            re.escape(seed_part) + r"\.msgpack$"))
   for d, path in zip(dirs, paths):
-    found = [path] if os.path.exists(path) else []  # Saved before run keys.
     pdir = os.path.dirname(path)
+    found = [p for p in (os.path.join(pdir, n + ".msgpack")
+                         for n in _names_then(name))
+             if os.path.exists(p)]  # Saved before run keys.
     found += sorted(os.path.join(pdir, f) for f in (
-        os.listdir(pdir) if os.path.isdir(pdir) else []) if keyed.match(f))
+        os.listdir(pdir) if os.path.isdir(pdir) else [])
+                    if any(k.match(f) for k in keyed))
     if len(found) > 1:
       raise ValueError(f"{len(found)} configs of restart {name} in {pdir} "
                        f"({', '.join(map(os.path.basename, found))}); pass "
@@ -477,19 +495,20 @@ def main(argv):
   del argv
   if common.start(FLAGS, write_reports):
     return
-  methods = [m.strip() for m in FLAGS.methods.split(",")]
+  methods = common.method_list(FLAGS.methods, configs.METHODS)
+  penalty = registry.canonical(FLAGS.penalty)
   if FLAGS.ablation != "none":
     fn = colour_probe if FLAGS.ablation == "probe" else flip_heatmap
     extra = dict(layer=FLAGS.probe_layer) if FLAGS.ablation == "probe" else {}
     common.exit_on_bad_input(
         fn, methods, int(FLAGS.hidden[0]), FLAGS.output_dir,
         FLAGS.params_dirs or [FLAGS.output_dir], seed=FLAGS.seed,
-        preset=FLAGS.preset, penalty=FLAGS.penalty, data_num=FLAGS.data_num,
+        preset=FLAGS.preset, penalty=penalty, data_num=FLAGS.data_num,
         data_dir=FLAGS.data_dir, **extra)
     return
   common.exit_on_bad_input(
       run, methods, FLAGS.hidden, FLAGS.restarts, FLAGS.seed,
-      FLAGS.output_dir, preset=FLAGS.preset, penalty=FLAGS.penalty,
+      FLAGS.output_dir, preset=FLAGS.preset, penalty=penalty,
       dataset=FLAGS.dataset, data_num=FLAGS.data_num,
       data_dir=FLAGS.data_dir, overrides=FLAGS.set, progress=FLAGS.progress)
 

@@ -26,7 +26,7 @@ from jirm import sharding
 from jirm import sweep
 from jirm import train
 from jirm.objectives import (Objective, Outputs, Term, bayesian_irm, env_risks,
-                             erm, irm_tv_l1, irm_tv_l2, irmv1, irmv1_head, l2,
+                             erm, irm_tv_l1, irm_tv_l2, irmv1, irmv1_h, l2,
                              mm_rex, rvp, vrex)
 from jirm.methods import Method, from_objective
 from jirm.schedules import PenaltySchedule

@@ -195,7 +195,7 @@ def _irmv1_head(out: Outputs):
   environments. Gradient flows into the encoder through the features.
   """
   if out.features is None or out.head is None or out.head_params is None:
-    raise ValueError("irmv1_head needs Outputs.features, .head and "
+    raise ValueError("irmv1_h needs Outputs.features, .head and "
                      ".head_params (a deep model from jirm.deep).")
 
   def env_grads(feats_BD, labels_B, valid_B):
@@ -469,7 +469,7 @@ erm = Term("erm", _erm, choices=(("reduction", ("mean", "sum", "pooled")),))
 l2 = Term("l2", _l2)
 irmv1 = Term("irmv1", _irmv1, choices=(
     ("variant", ("full", "split", "split_perm", "env_scale")),))
-irmv1_head = Term("irmv1_head", _irmv1_head)
+irmv1_h = Term("irmv1_h", _irmv1_head)
 vrex = Term("vrex", _vrex, choices=(("variant", ("var", "diff_sq")),))
 mm_rex = Term("mm_rex", _mm_rex)
 rvp = Term("rvp", _rvp)
@@ -478,5 +478,5 @@ irm_tv_l1 = Term("irm_tv_l1", _irm_tv_l1, choices=(
 irm_tv_l2 = Term("irm_tv_l2", _irm_tv_l2)
 bayesian_irm = Term("bayesian_irm", _bayesian_irm)
 
-TERMS = {t.name: t for t in (erm, l2, irmv1, irmv1_head, vrex, mm_rex, rvp, irm_tv_l1,
+TERMS = {t.name: t for t in (erm, l2, irmv1, irmv1_h, vrex, mm_rex, rvp, irm_tv_l1,
                              irm_tv_l2, bayesian_irm)}

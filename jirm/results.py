@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -33,13 +34,58 @@ def atomic_write(path: str, text: str) -> None:
       os.remove(tmp)
 
 
+# Config fields that do not change what a restart computes (how often it
+# checkpoints, its description, whether IRM-TV's weight sweep keeps curves).
+_NOT_IDENTITY = ("checkpoint_every", "note", "sweep")
+
+
+def run_key(config: dict) -> str:
+  """A restart's identity without its seed: 10 hex digits of SHA-256 over
+  the resolved config (sorted JSON, without ``checkpoint_every``, ``note``
+  and ``sweep``). Two configs that differ in any setting get different keys,
+  so a rerun with a changed config never resumes, skips or pools with the
+  other config's restarts.
+
+  Example:
+    >>> run_key(dict(method="irmv1", lr=1e-3)) == run_key(dict(lr=1e-3,
+    ...                                                   method="irmv1"))
+    True
+  """
+  d = {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
+  text = json.dumps(d, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _today(record: dict) -> dict:
+  """A record written under an old method (or penalty) name, read under
+  today's name (:func:`jirm.methods.registry.canonical`), keyed as today's
+  code keys the same settings (so a rerun skips it instead of repeating
+  it)."""
+  from jirm.methods import registry  # pylint: disable=g-import-not-at-top
+  old = {f: record.get(f) for f in ("method", "penalty")
+         if isinstance(record.get(f), str)
+         and registry.canonical(record[f]) != record[f]}
+  if not old:
+    return record
+  record = dict(record, **{f: registry.canonical(v) for f, v in old.items()})
+  config = record.get("config")
+  if isinstance(config, dict):
+    record["config"] = dict(config, **{
+        f: record[f] for f, v in old.items() if config.get(f) == v})
+    if "run_key" in record:
+      record["run_key"] = run_key(record["config"])
+  return record
+
+
 def read_jsonl(path: str) -> list:
   """The records of a JSONL file ([] if it does not exist).
 
   A torn last line (a crash mid-write where renames are not atomic) is
   dropped with a warning naming the file and line; the intact records are
   kept (the next append rewrites the file without it). A bad line before
-  the last one raises ValueError naming the file and line.
+  the last one raises ValueError naming the file and line. Records written
+  under a method's old name (``rex``, ``irm``, ``irm_game``: see
+  :data:`jirm.methods.registry.ALIASES`) are returned under today's name.
   """
   if not os.path.exists(path):
     return []
@@ -48,7 +94,7 @@ def read_jsonl(path: str) -> list:
   out = []
   for k, (i, line) in enumerate(lines):
     try:
-      out.append(json.loads(line))
+      out.append(_today(json.loads(line)))
     except json.JSONDecodeError as e:
       if k < len(lines) - 1:
         raise ValueError(f"{path}:{i} is not a JSON record ({e.msg}); fix "

@@ -14,10 +14,10 @@ shift 2 || shift || true
 source "$(dirname "$0")/_env.sh"
 PY="$VENV/bin/python"
 "$PY" -m experiments.sparse_irm \
-  --methods=erm,oracle,irm,mrm,sparse_irm,sparse_erm \
+  --methods=erm,oracle,irmv1,mrm,sparse_irm,sparse_erm \
   --hidden=64,160,256,390,512,640 --restarts="$RESTARTS" \
   --output_dir="$OUT" "$@"
 for ablation in probe flip; do
   "$PY" -m experiments.sparse_irm --ablation="$ablation" \
-    --methods=irm,mrm,sparse_irm --hidden=640 --output_dir="$OUT" "$@"
+    --methods=irmv1,mrm,sparse_irm --hidden=640 --output_dir="$OUT" "$@"
 done

@@ -53,20 +53,14 @@ EVAL_EVERY = 4
 
 # One entry per experiment: its methods. Every method the experiment runs is
 # here (tests/test_goldens_mlp.py checks the lists against the experiments).
-EXPERIMENTS = {
-    "colored_mnist": ("erm", "oracle", "irmv1", "vrex", "mm_rex", "rvp",
-                      "irm_tv_l1", "bayesian_irm", "irm_game_f", "irm_game_v",
-                      "ipg"),
-    "cifar_mnist": ("oracle", "erm", "irmv1", "rex", "rvp", "irmv1_h",
-                    "irm_game", "invrat_eb", "invrat_ec_o", "invrat_ec_h",
-                    "ipg"),
-    "irm_tv": ("erm", "oracle", "irmv1", "irm_tv_l1", "zin", "minimax_tv_l1",
-               "ood_tv_irm_l1", "ood_tv_irm_l2", "ood_tv_minimax_l1",
-               "ood_tv_minimax_l2"),
-    "sparse_irm": ("erm", "oracle", "irm", "mrm", "sparse_irm", "sparse_erm"),
-    "shift": ("erm", "group_dro", "ipg", "ipg_group_dro", "irmv1", "rex"),
-    "sweep": ("irmv1",),
-}
+def _registry_experiments():
+  from jirm.methods import registry  # pylint: disable=g-import-not-at-top
+  out = {e: registry.names(e, extra=True) for e in registry.EXPERIMENTS}
+  out["sweep"] = ("irmv1",)
+  return out
+
+
+EXPERIMENTS = _registry_experiments()
 
 # Absolute tolerance of accuracies: about one example of the smallest
 # evaluated environment flipping (a logit that sits within rounding of the

@@ -367,7 +367,7 @@ def test_irmbed_transform_shapes_and_normalisation():
 # Deep methods.
 
 
-def test_irmv1_head_matches_hand_computation():
+def test_irmv1_h_matches_hand_computation():
   rng = np.random.default_rng(0)
   feats = rng.normal(size=(2, 6, 3)).astype(np.float32)
   labels = rng.integers(0, 2, (2, 6)).astype(np.int32)
@@ -387,7 +387,7 @@ def test_irmv1_head_matches_hand_computation():
       r = sig(f @ w[:, 0] + b[0]) - yy
       gs.append(((f * r[:, None]).mean(0), r.mean()))
     expected += np.mean(gs[0][0] * gs[1][0]) + gs[0][1] * gs[1][1]
-  np.testing.assert_allclose(O.irmv1_head.value(out), expected, rtol=1e-5)
+  np.testing.assert_allclose(O.irmv1_h.value(out), expected, rtol=1e-5)
 
 
 def _tiny_batch(num_envs=2, b=8, seed=0):
@@ -505,7 +505,7 @@ def test_every_deep_method_penalty_moves_the_encoder(sources):
   for method in configs.METHODS:
     # No penalty term: erm, oracle, irm_game (the game is the method). The
     # InvRat terms: test_invrat_penalty_moves_encoder (value > 0 as well).
-    if method in ("erm", "oracle", "irm_game") or method.startswith("invrat"):
+    if method in ("erm", "oracle", "irm_game_h") or method.startswith("invrat"):
       assert method.startswith("invrat") or (
           deep.DEEP_METHODS[method].penalty is None), method
       continue

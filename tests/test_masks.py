@@ -270,7 +270,7 @@ def test_experiment_writes_tables(tmp_path, synthetic_mnist):
   # Two widths for two methods, one for MRM (the plots and ablations read
   # them; each run is a compilation; every method through the experiment:
   # test_goldens_mlp.py).
-  exp.run(["irm", "sparse_irm"], ["8", "16"], 1, 0, str(tmp_path),
+  exp.run(["irmv1", "sparse_irm"], ["8", "16"], 1, 0, str(tmp_path),
           preset="quick", progress=False, mnist=synthetic_mnist)
   exp.run(["mrm"], ["16"], 1, 0, str(tmp_path), preset="quick",
           progress=False, mnist=synthetic_mnist)
@@ -285,18 +285,18 @@ def test_experiment_writes_tables(tmp_path, synthetic_mnist):
   assert (tmp_path / "curves.png").stat().st_size > 1000
   recs = jirm.results.read_jsonl(str(tmp_path / "results.jsonl"))
   dens = {r["method"]: r["density"] for r in recs if r["selection"] == "last"}
-  assert dens["irm"] == 1.0 and dens["sparse_irm"] < 1.0
+  assert dens["irmv1"] == 1.0 and dens["sparse_irm"] < 1.0
   # Ablations on the saved weights.
-  rows = exp.colour_probe(["irm", "sparse_irm", "mrm"], 16, str(tmp_path),
+  rows = exp.colour_probe(["irmv1", "sparse_irm", "mrm"], 16, str(tmp_path),
                           [str(tmp_path)], preset="quick", data_num=2000,
                           steps=20, mnist=synthetic_mnist)
-  assert [r[0] for r in rows] == ["irm", "sparse_irm", "mrm"]
+  assert [r[0] for r in rows] == ["irmv1", "sparse_irm", "mrm"]
   assert all(0.0 <= r[1] <= 1.0 for r in rows)
   assert "| sparse_irm |" in (tmp_path / "probe.md").read_text()
-  diff = exp.flip_heatmap(["irm", "sparse_irm"], 16, str(tmp_path),
+  diff = exp.flip_heatmap(["irmv1", "sparse_irm"], 16, str(tmp_path),
                           [str(tmp_path)], preset="quick", data_num=2000,
                           mnist=synthetic_mnist)
-  assert diff["irm"] > 0 and (tmp_path / "flip.png").stat().st_size > 1000
+  assert diff["irmv1"] > 0 and (tmp_path / "flip.png").stat().st_size > 1000
   with pytest.raises(ValueError, match="no saved parameters"):
     exp.colour_probe(["erm"], 16, str(tmp_path), [str(tmp_path)],
                      preset="quick", data_num=2000, mnist=synthetic_mnist)

@@ -23,14 +23,16 @@ InvRat-EB(h) 77.6, InvRat-EC(o) 67.5, InvRat-EC(h) 75.8.
 
 import ml_collections
 
-METHODS = ("oracle", "erm", "irmv1", "rex", "rvp", "irmv1_h", "irm_game",
-           "invrat_eb", "invrat_ec_o", "invrat_ec_h")
+from jirm.methods import registry
+
+METHODS = registry.names("cifar_mnist")  # IRMBed Table 1's rows.
+
+# Not in IRMBed's Table 1; run with --method=ipg.
+EXTRA_METHODS = registry.names("cifar_mnist", extra=True)[len(METHODS):]
 
 # Penalty weights of the cpu preset (one value each; IRMBed searched 1..1e5).
-# Not in IRMBed's Table 1; run with --method=ipg.
-EXTRA_METHODS = ("ipg",)
 
-CPU_WEIGHTS = dict(irmv1=1e3, rex=1e3, rvp=1e2, irmv1_h=1e3, irm_game=0.0,
+CPU_WEIGHTS = dict(irmv1=1e3, vrex=1e3, rvp=1e2, irmv1_h=1e3, irm_game_h=0.0,
                    invrat_eb=1e2, invrat_ec_o=1e2, invrat_ec_h=1e2)
 
 
@@ -80,6 +82,7 @@ def base() -> ml_collections.ConfigDict:
 def get_config(method: str = "erm", preset: str = "cpu", model: str =
                "resnet18", envs: int = 2) -> ml_collections.ConfigDict:
   """Config of ``method`` under ``preset`` ('cpu', 'irmbed' or 'quick')."""
+  method = registry.canonical(method)
   if method not in METHODS + EXTRA_METHODS:
     raise ValueError(f"unknown CIFAR-MNIST method {method!r}; choose one of "
                      f"{METHODS + EXTRA_METHODS}.")

@@ -18,8 +18,10 @@ Presets:
 
 import ml_collections
 
+from jirm.methods import registry
+
 DATASETS = ("waterbirds", "celeba", "colored_object")
-METHODS = ("erm", "group_dro", "ipg", "ipg_group_dro", "irmv1", "rex")
+METHODS = registry.names("shift")
 # Training images per epoch (for the paper presets' step counts).
 TRAIN_SIZES = dict(waterbirds=4795, celeba=162_770, colored_object=12_000)
 
@@ -29,6 +31,7 @@ def get_config(method: str = "erm", preset: str = "cpu",
   """Config of ``method`` on ``dataset`` under ``preset``."""
   if dataset not in DATASETS:
     raise ValueError(f"dataset={dataset!r}: choose one of {DATASETS}.")
+  method = registry.canonical(method)
   if method not in METHODS:
     raise ValueError(f"method={method!r}: choose one of {METHODS}.")
   c = ml_collections.ConfigDict()

@@ -12,15 +12,18 @@ Preset ``quick`` shrinks everything for smoke tests.
 
 import ml_collections
 
-METHODS = ("erm", "oracle", "irm", "mrm", "sparse_irm", "sparse_erm")
-PENALTIES = {"irmv1": ("irmv1", dict(variant="env_scale")),
-             "rex": ("vrex", dict(variant="var"))}
+from jirm.methods import registry
+
+METHODS = registry.names("sparse_irm")
+# The penalty of the penalized methods: name -> options of the term.
+PENALTIES = {"irmv1": dict(variant="env_scale"), "vrex": dict(variant="var")}
 
 
 def get_config(method: str = "sparse_irm", preset: str = "paper",
                penalty: str = "irmv1", dataset: str = "cmnist",
                hidden_dim: int = 390, data_num: int = 50_000):
   """One restart's config."""
+  method, penalty = registry.canonical(method), registry.canonical(penalty)
   if method not in METHODS:
     raise ValueError(f"method={method!r}: choose from {METHODS}.")
   if penalty not in PENALTIES:

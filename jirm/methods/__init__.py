@@ -5,9 +5,11 @@
   shape every method has and :func:`jirm.train.fit` runs.
 * :func:`from_objective` (:mod:`jirm.methods.objective`): any composed
   objective (``erm + sched * irmv1``) with an optax optimizer as a method.
-* :data:`METHODS`: the registry of stateless IRM methods, name -> penalty
-  term and reference. Adding a method here adds it to ``--method=all`` and
-  to the all-methods test.
+* :mod:`jirm.methods.registry`: every method under one name (family,
+  reference, models, experiments, search); ``--method=all``, the goldens and
+  the all-methods tests read it.
+* :data:`METHODS`: the registry's stateless methods on the MLP, name ->
+  penalty term.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Optional
 
 from jirm import objectives
 from jirm import schedules
+from jirm.methods import registry
 from jirm.methods.base import (EnvArrays, Method, TrainState, epoch_batch,
                                forward, reset_at, sample_batch, tree_where)
 from jirm.methods.objective import (from_objective, make_eval_fn,
@@ -40,24 +43,26 @@ class Entry:
   oracle: bool = False
 
 
+# The penalty term of each stateless method of the registry.
+_PENALTY_TERMS = dict(irmv1=objectives.irmv1, vrex=objectives.vrex,
+                      mm_rex=objectives.mm_rex, rvp=objectives.rvp,
+                      irm_tv_l1=objectives.irm_tv_l1,
+                      bayesian_irm=objectives.bayesian_irm,
+                      irmv1_h=objectives.irmv1_h)
+
+# The stateless methods on the MLP (names, references and order from
+# :mod:`jirm.methods.registry`).
 METHODS = {
-    m.name: m for m in (
-        Entry("erm", None, "Vapnik 1992; IRM's ERM baseline"),
-        Entry("oracle", None, "ERM on grayscale inputs (IRM oracle)",
-               oracle=True),
-        Entry("irmv1", objectives.irmv1, "Arjovsky et al. 2019"),
-        Entry("vrex", objectives.vrex, "Krueger et al. 2021 (V-REx)"),
-        Entry("mm_rex", objectives.mm_rex, "Krueger et al. 2021 (MM-REx)"),
-        Entry("rvp", objectives.rvp, "IRMBed (Lin et al. 2022)"),
-        Entry("irm_tv_l1", objectives.irm_tv_l1, "Lai & Wang, ICML 2024"),
-        Entry("bayesian_irm", objectives.bayesian_irm,
-               "Lin et al., CVPR 2022"),
-    )
+    n: Entry(n, _PENALTY_TERMS.get(n), registry.REGISTRY[n].reference,
+             oracle=registry.REGISTRY[n].oracle)
+    for n in registry.names(model="mlp")
+    if registry.REGISTRY[n].family in ("erm", "penalty")
 }
 
 
 def get(name: str) -> Entry:
-  """Looks up a method, with a helpful error."""
+  """Looks up a method (an old name is accepted), with a helpful error."""
+  name = registry.canonical(name)
   if name not in METHODS:
     raise ValueError(f"unknown method {name!r}; choose one of "
                      f"{sorted(METHODS)}.")
