@@ -132,29 +132,52 @@ def build_run(config, seed=0, data_dir=None, sources=None):
   return splits, model, objective, optimizer, fit_kw
 
 
-def run_restart(config, seed, checkpoint_dir=None, data_dir=None,
-                progress=False, sources=None):
-  t0 = time.time()
-  splits, model, objective, optimizer, fit_kw = build_run(
-      config, seed, data_dir, sources)
-  res = deep.fit(splits, model=model, objective=objective,
-                 optimizer=optimizer, seed=seed, progress=progress,
-                 desc=f"{config.method} seed {seed}",
-                 checkpoint_dir=checkpoint_dir,
-                 checkpoint_every=config.checkpoint_every,
-                 metrics_dir=common.metrics_dir_for(checkpoint_dir), **fit_kw)
+def build_method(config, seed=0, data_dir=None, sources=None):
+  """Config -> :class:`experiments.common.Built`: the data of restart
+  ``seed``, the :class:`jirm.methods.Method` (a :func:`jirm.deep.
+  deep_method`; IPG's step for ``ipg``) and the trainer arguments (steps,
+  evaluation) that :func:`run_restart` passes to :func:`jirm.fit`. The
+  capability-matrix test builds every method through it.
+
+  Example:
+    >>> built = build_method(configs.get_config("vrex"))
+    >>> res = jirm.fit(built.splits, built.method, seed=0, **built.fit_kw)
+  """
+  splits, model, objective, optimizer, kw = build_run(config, seed, data_dir,
+                                                      sources)
+  jirm.train.check_batch_size(kw["batch_size"], splits.train)
+  method = deep.deep_method(
+      model, objective, optimizer, batch_size=kw["batch_size"],
+      task=splits.task, game=kw["game"], anneal_step=kw["anneal_step"],
+      head_update=kw["head_update"], transform=kw["transform"],
+      init_params=kw["init_params"], step_factory=kw["step_factory"])
   desc = objective.describe()
   if config.method == "ipg":
     from jirm import ipg  # pylint: disable=g-import-not-at-top
     desc = ipg.describe(objective, **config.ipg.to_dict())
-  return common.records_from_fit(
-      res, config, seed, desc, splits.info, time.time() - t0,
+  fit_kw = dict(steps=kw["steps"], eval_every=kw["eval_every"],
+                eval_chunk=100 if kw["transform"] == "irmbed" else 500,
+                eval_train_max=kw["eval_train_max"])
+  return common.Built(splits, method, desc, fit_kw, dict(
       model=config.model, envs=config.data.envs,
       pretrained=config.pretrained or "none (trained from scratch)",
-      note=config.note,
-      steps=fit_kw["steps"], anneal_step=fit_kw["anneal_step"],
-      head_update=fit_kw["head_update"],
-      **({"ipg": config.ipg.to_dict()} if config.method == "ipg" else {}))
+      note=config.note, steps=kw["steps"], anneal_step=kw["anneal_step"],
+      head_update=kw["head_update"],
+      **({"ipg": config.ipg.to_dict()} if config.method == "ipg" else {})))
+
+
+def run_restart(config, seed, checkpoint_dir=None, data_dir=None,
+                progress=False, sources=None):
+  t0 = time.time()
+  b = build_method(config, seed, data_dir, sources)
+  res = jirm.fit(b.splits, b.method, seed=seed, progress=progress,
+                 desc=f"{config.method} seed {seed}",
+                 checkpoint_dir=checkpoint_dir,
+                 checkpoint_every=config.checkpoint_every,
+                 metrics_dir=common.metrics_dir_for(checkpoint_dir),
+                 **b.fit_kw)
+  return common.records_from_fit(res, config, seed, b.describe,
+                                 b.splits.info, time.time() - t0, **b.record)
 
 
 def write_reports(output_dir):

@@ -88,17 +88,76 @@ def build_objective(config, hp=None):
 
 
 def build_run(config, data_dir=None, seed=0, mnist=None):
-  """Config -> (splits, model, objective, optimizer); the library call."""
-  method = jirm.methods.get(config.method)
-  splits = jirm.data.colored_mnist(
-      seed, variant=config.data.variant, data_num=config.data.data_num,
-      num_envs=config.data.num_envs, label_noise=config.data.label_noise,
-      test_e=config.data.test_e, grayscale=method.oracle,
-      val=config.data.val, data_dir=data_dir, mnist=mnist)
-  objective = build_objective(config)
-  model = jirm.models.mlp(config.hidden_dim, config.depth)
+  """Config -> (splits, model, objective, optimizer) of a stateless method
+  (the notebook form of :func:`build_method`; ``experiments.sweep``'s vmap
+  backend)."""
   import optax  # pylint: disable=g-import-not-at-top
-  return splits, model, objective, optax.adam(config.lr)
+  splits = _splits(config, seed, data_dir, mnist)
+  model = jirm.models.mlp(config.hidden_dim, config.depth)
+  return splits, model, build_objective(config), optax.adam(config.lr)
+
+
+def _splits(config, seed, data_dir=None, mnist=None):
+  d = config.data
+  return jirm.data.colored_mnist(
+      seed, variant=d.variant, data_num=d.data_num, num_envs=d.num_envs,
+      label_noise=d.label_noise, test_e=d.test_e,
+      grayscale=registry.get(config.method).oracle, val=d.val,
+      data_dir=data_dir, mnist=mnist)
+
+
+def build_method(config, seed=0, data_dir=None, mnist=None):
+  """Config -> :class:`experiments.common.Built`: the data of restart
+  ``seed`` and the :class:`jirm.methods.Method` that :func:`run_restart`
+  trains with :func:`jirm.fit` (every family of this experiment: the
+  registry's stateless penalties, the IRM games, IPG). The capability-
+  matrix test builds every method through it.
+
+  Example:
+    >>> built = build_method(configs.get_config("irmv1"))
+    >>> res = jirm.fit(built.splits, built.method, seed=0, **built.fit_kw)
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  splits = _splits(config, seed, data_dir, mnist)
+  batch_size = config.batch_size or None
+  jirm.train.check_batch_size(batch_size, splits.train)
+  fit_kw = dict(steps=config.steps, eval_every=config.eval_every)
+  if config.method in GAME_METHODS:
+    from jirm import irm_games  # pylint: disable=g-import-not-at-top
+    g = config.game
+    method = irm_games.irm_game(
+        variant=g.variant, task=splits.task, hidden_dim=config.hidden_dim,
+        depth=config.depth, lr=config.lr, rep_lr_scale=g.rep_lr_scale,
+        batch_size=batch_size)
+    return common.Built(splits, method, f"irm_game(variant={g.variant})",
+                        fit_kw, {})
+  model = jirm.models.mlp(config.hidden_dim, config.depth)
+  if config.method == "ipg":
+    from jirm import ipg  # pylint: disable=g-import-not-at-top
+    p = config.ipg
+    objective = jirm.erm(reduction=config.erm_reduction) + config.l2 * jirm.l2
+    if p.penalty != "none":  # IPG around a registered penalty.
+      sched = jirm.schedules.preset(config.schedule,
+                                    weight=config.penalty_weight,
+                                    anneal=config.anneal)
+      objective = objective + sched * jirm.methods.get(p.penalty).penalty
+    pairs = ipg.colored_mnist_pairs(splits.train,
+                                    num_pairs=p.num_pairs or None,
+                                    seed=p.pair_seed + seed)
+    method = ipg.ipg(model=model, objective=objective,
+                     optimizer=optax.adam(config.lr), pairs=pairs,
+                     threshold=p.threshold, alpha=p.alpha,
+                     pair_batch=p.pair_batch, task=splits.task,
+                     batch_size=batch_size)
+    return common.Built(splits, method, ipg.describe(
+        objective, threshold=p.threshold, alpha=p.alpha,
+        pair_batch=p.pair_batch, num_pairs=p.num_pairs), fit_kw, {})
+  objective = build_objective(config)
+  method = jirm.methods.from_objective(model, objective,
+                                       optax.adam(config.lr),
+                                       task=splits.task,
+                                       batch_size=batch_size)
+  return common.Built(splits, method, objective.describe(), fit_kw, {})
 
 
 def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
@@ -107,80 +166,32 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
   scalars go to TensorBoard files next to the checkpoints
   (``output_dir/tensorboard/<restart>``)."""
   t0 = time.time()
-  if config.method in GAME_METHODS:
-    from jirm import irm_games  # pylint: disable=g-import-not-at-top
-    splits = jirm.data.colored_mnist(
-        seed, variant=config.data.variant, data_num=config.data.data_num,
-        num_envs=config.data.num_envs, label_noise=config.data.label_noise,
-        test_e=config.data.test_e, val=config.data.val, data_dir=data_dir,
-        mnist=mnist)
-    g = config.game
-    res = irm_games.fit(
-        splits, variant=g.variant, steps=config.steps, seed=seed,
-        warm_start=g.warm_start, threshold=g.threshold,
-        eval_every=config.eval_every, progress=progress,
-        desc=f"{config.method} seed {seed}", checkpoint_dir=checkpoint_dir,
-        checkpoint_every=config.checkpoint_every,
-        metrics_dir=common.metrics_dir_for(checkpoint_dir),
-        hidden_dim=config.hidden_dim, depth=config.depth, lr=config.lr,
-        rep_lr_scale=g.rep_lr_scale, batch_size=config.batch_size or None)
-    return common.records_from_fit(res, config, seed,
-                                   f"irm_game(variant={g.variant})",
-                                   splits.info, time.time() - t0)
-  if config.method == "ipg":
-    return _run_ipg(config, seed, data_dir, progress, mnist, checkpoint_dir,
-                    t0)
-  splits, model, objective, optimizer = build_run(config, data_dir, seed,
-                                                  mnist)
-  res = jirm.fit(splits, model=model, objective=objective,
-                 optimizer=optimizer, steps=config.steps, seed=seed,
-                 batch_size=config.batch_size or None,
-                 eval_every=config.eval_every, progress=progress,
+  if mesh is not None and config.batch_size:
+    raise ValueError("--data_parallel shards the full batch; minibatch "
+                     f"sampling (batch_size={config.batch_size}) is "
+                     f"single-device only: --set=batch_size=0.")
+  b = build_method(config, seed, data_dir, mnist)
+  res = jirm.fit(b.splits, b.method, seed=seed, progress=progress,
                  desc=f"{config.method} seed {seed}",
                  checkpoint_dir=checkpoint_dir,
                  checkpoint_every=config.checkpoint_every, mesh=mesh,
-                 metrics_dir=common.metrics_dir_for(checkpoint_dir))
+                 metrics_dir=common.metrics_dir_for(checkpoint_dir),
+                 **b.fit_kw)
+  if config.method in GAME_METHODS:
+    from jirm import irm_games  # pylint: disable=g-import-not-at-top
+    irm_games.add_game_stop(res, warm_start=config.game.warm_start,
+                            threshold=config.game.threshold)
   extra = {} if mesh is None else {"devices": int(mesh.size)}
-  return common.records_from_fit(res, config, seed, objective.describe(),
-                                 splits.info, time.time() - t0, **extra)
-
-
-def _run_ipg(config, seed, data_dir, progress, mnist, checkpoint_dir, t0):
-  """IPG: the loss is ERM + l2 (+ an optional registered penalty)."""
-  import optax  # pylint: disable=g-import-not-at-top
-  from jirm import ipg  # pylint: disable=g-import-not-at-top
-  d, p = config.data, config.ipg
-  splits = jirm.data.colored_mnist(
-      seed, variant=d.variant, data_num=d.data_num, num_envs=d.num_envs,
-      label_noise=d.label_noise, test_e=d.test_e, val=d.val,
-      data_dir=data_dir, mnist=mnist)
-  objective = jirm.erm(reduction=config.erm_reduction) + config.l2 * jirm.l2
-  if p.penalty != "none":
-    sched = jirm.schedules.preset(config.schedule, weight=config.penalty_weight,
-                                  anneal=config.anneal)
-    objective = objective + sched * jirm.methods.get(p.penalty).penalty
-  pairs = ipg.colored_mnist_pairs(splits.train, num_pairs=p.num_pairs or None,
-                                  seed=p.pair_seed + seed)
-  res = ipg.fit(splits, model=jirm.models.mlp(config.hidden_dim, config.depth),
-                pairs=pairs, objective=objective,
-                optimizer=optax.adam(config.lr), steps=config.steps, seed=seed,
-                threshold=p.threshold, alpha=p.alpha, pair_batch=p.pair_batch,
-                batch_size=config.batch_size or None,
-                eval_every=config.eval_every, progress=progress,
-                desc=f"ipg seed {seed}", checkpoint_dir=checkpoint_dir,
-                checkpoint_every=config.checkpoint_every,
-                metrics_dir=common.metrics_dir_for(checkpoint_dir))
-  records = common.records_from_fit(
-      res, config, seed,
-      ipg.describe(objective, threshold=p.threshold, alpha=p.alpha,
-                   pair_batch=p.pair_batch, num_pairs=p.num_pairs),
-      splits.info, time.time() - t0)
-  h = res.history
-  for r in records:
-    if r["selection"] == "last":
-      r["curve"].update(ipg_d=h["ipg_d"].astype(float).tolist(),
-                        ipg_c=h["ipg_c"].astype(float).tolist(),
-                        ipg_gated=h["ipg_gated"].astype(float).tolist())
+  records = common.records_from_fit(res, config, seed, b.describe,
+                                    b.splits.info, time.time() - t0,
+                                    **b.record, **extra)
+  if config.method == "ipg":
+    h = res.history
+    for r in records:
+      if r["selection"] == "last":
+        r["curve"].update(ipg_d=h["ipg_d"].astype(float).tolist(),
+                          ipg_c=h["ipg_c"].astype(float).tolist(),
+                          ipg_gated=h["ipg_gated"].astype(float).tolist())
   return records
 
 

@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import sys
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 from absl import logging
 
@@ -216,6 +216,19 @@ def start(flags_, write_reports) -> bool:
     write_reports(out)
     return True
   return False
+
+
+class Built(NamedTuple):
+  """What an experiment's ``build_method(config, seed, ...)`` returns: the
+  restart's data, its :class:`jirm.methods.Method`, the objective's
+  description, the trainer arguments for :func:`jirm.fit` (steps,
+  evaluation) and extra record fields."""
+
+  splits: Any
+  method: Any
+  describe: str
+  fit_kw: dict
+  record: dict
 
 
 def method_list(value: str, all_methods) -> tuple:

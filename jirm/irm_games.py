@@ -188,14 +188,35 @@ def fit(splits: data_lib.EnvSplits, *, variant: str = "f", steps: int = 3000,
                       checkpoint_dir=checkpoint_dir,
                       checkpoint_every=checkpoint_every,
                       metrics_dir=metrics_dir)
+  return add_game_stop(res, warm_start=warm_start, threshold=threshold)
+
+
+def add_game_stop(res, *, warm_start: int, threshold: float):
+  """Adds the game's termination rule to a fit of :func:`irm_game`: the
+  selection ``game_stop`` is the first evaluation after ``warm_start`` steps
+  whose ensemble train accuracy is below ``threshold`` (or the last one if
+  the rule never fired; ``fired`` says which).
+
+  Args:
+    res: the :class:`jirm.train.FitResult` (changed in place).
+    warm_start: steps before the rule applies.
+    threshold: train accuracy below which the game stops.
+
+  Returns:
+    ``res``.
+
+  Example:
+    >>> res = add_game_stop(jirm.fit(splits, irm_game(), steps=3000),
+    ...                     warm_start=1000, threshold=0.6)
+    >>> res.selections["game_stop"]["test_acc"]
+  """
+  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
   history, env_names = res.history, res.env_names
-  selections = res.selections
   train_acc = history["train_acc_E"].mean(1)
   fired = np.flatnonzero((history["step"] >= warm_start) &
                          (train_acc < threshold))
   stop = int(fired[0]) if len(fired) else len(train_acc) - 1
   only = {k: v[stop:stop + 1] for k, v in history.items()}
-  selections["game_stop"] = dict(
+  res.selections["game_stop"] = dict(
       train_lib.select(only, env_names)["last"], fired=bool(len(fired)))
-  res.selections = selections
   return res
