@@ -103,10 +103,19 @@ def build_run(config, root, seed):
   return splits, model, objective, game, opt, factory
 
 
-def run_restart(config, seed, checkpoint_dir=None, data_dir=None,
-                progress=False):
-  """One restart; one record per selection rule."""
-  t0 = time.time()
+def build_method(config, seed=0, data_dir=None):
+  """Config -> :class:`experiments.common.Built`: the dataset under
+  ``data_dir``, the :class:`jirm.methods.Method` (a :func:`jirm.deep.
+  deep_method`; GroupDRO's weights and IPG's pair step in its state and
+  update) and the trainer arguments that :func:`run_restart` passes to
+  :func:`jirm.fit`. The capability-matrix test builds every method through
+  it.
+
+  Example:
+    >>> built = build_method(configs.get_config("group_dro"), 0, root)
+    >>> res = jirm.fit(built.splits, built.method, seed=0, **built.fit_kw)
+  """
+  import jirm  # pylint: disable=g-import-not-at-top
   splits, model, objective, game, opt, factory = build_run(config, data_dir,
                                                            seed)
   init_params = None
@@ -115,19 +124,31 @@ def run_restart(config, seed, checkpoint_dir=None, data_dir=None,
     init_params = convert.load_torchvision_resnet(config.pretrained,
                                                   config.model)
   batch = min(config.batch_size, min(splits.train.sizes))
-  res = deep.fit(splits, model=model, objective=objective, game=game,
-                 optimizer=opt, steps=config.steps, batch_size=batch,
-                 seed=seed, step_factory=factory, init_params=init_params,
-                 eval_every=config.eval_every,
-                 eval_train_max=config.eval_train_max or None,
-                 progress=progress, desc=f"{config.method} seed {seed}",
+  jirm.train.check_batch_size(batch, splits.train)
+  method = deep.deep_method(model, objective, opt, batch_size=batch,
+                            task=splits.task, game=game,
+                            init_params=init_params, step_factory=factory)
+  fit_kw = dict(steps=config.steps, eval_every=config.eval_every,
+                eval_chunk=500, eval_train_max=config.eval_train_max or None)
+  return common.Built(splits, method, objective.describe(), fit_kw, dict(
+      dataset=config.dataset, batch_size=batch,
+      pretrained=config.pretrained or "none (trained from scratch)"))
+
+
+def run_restart(config, seed, checkpoint_dir=None, data_dir=None,
+                progress=False):
+  """One restart; one record per selection rule."""
+  import jirm  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  b = build_method(config, seed, data_dir)
+  res = jirm.fit(b.splits, b.method, seed=seed, progress=progress,
+                 desc=f"{config.method} seed {seed}",
                  checkpoint_dir=checkpoint_dir,
                  checkpoint_every=config.checkpoint_every,
-                 metrics_dir=common.metrics_dir_for(checkpoint_dir))
-  return common.records_from_fit(
-      res, config, seed, objective.describe(), splits.info,
-      time.time() - t0, dataset=config.dataset, batch_size=batch,
-      pretrained=config.pretrained or "none (trained from scratch)")
+                 metrics_dir=common.metrics_dir_for(checkpoint_dir),
+                 **b.fit_kw)
+  return common.records_from_fit(res, config, seed, b.describe,
+                                 b.splits.info, time.time() - t0, **b.record)
 
 
 def write_reports(output_dir):
