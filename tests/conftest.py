@@ -55,7 +55,8 @@ def pytest_configure(config):
 
 # The longest files first, so that pytest-xdist's workers (scripts/test.sh
 # runs one per core, whole files each) finish together.
-_LONG_FILES = ("test_sharding.py", "test_deep.py", "test_goldens_resnet.py",
+_LONG_FILES = ("test_sharding.py", "test_capabilities.py", "test_deep.py",
+               "test_goldens_resnet.py",
                "test_masks.py", "test_goldens_mlp.py", "test_launch.py",
                "test_shift.py", "test_resume.py")
 

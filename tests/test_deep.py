@@ -492,54 +492,6 @@ def test_irm_game_first_player_step_is_manual_sgd():
   assert not np.allclose(new_head["params"]["kernel"][1], hp["kernel"][1])
 
 
-def test_every_deep_method_penalty_moves_the_encoder(sources):
-  """Every CIFAR-MNIST method's penalty sends gradient into the encoder.
-
-  That every method trains through the experiment (finite, same numbers as
-  recorded) is tests/test_goldens_resnet.py; here the penalty term alone is
-  differentiated at the initial parameters."""
-  from experiments import cifar_mnist  # pylint: disable=g-import-not-at-top
-  from experiments.configs import cifar_mnist as configs  # pylint: disable=g-import-not-at-top
-  # GroupDRO (a group-dataset method) is exercised in test_shift.py.
-  assert set(configs.METHODS) == set(deep.DEEP_METHODS) - {"group_dro"}
-  for method in configs.METHODS:
-    # No penalty term: erm, oracle, irm_game (the game is the method). The
-    # InvRat terms: test_invrat_penalty_moves_encoder (value > 0 as well).
-    if method in ("erm", "oracle", "irm_game_h") or method.startswith("invrat"):
-      assert method.startswith("invrat") or (
-          deep.DEEP_METHODS[method].penalty is None), method
-      continue
-    config = configs.get_config(method, "quick")
-    config.data.train_num, config.data.test_num = 200, 50
-    splits, model, _, _, _ = cifar_mnist.build_run(config, 0, sources=sources)
-    # Encoder gradient of the penalty term alone, at the initial parameters
-    # (a strong inner loop for the games).
-    obj, game = deep.build_method(method, schedule=1.0, inner_lr=0.5,
-                                  num_inners=20, embed_dim=config.embed_dim,
-                                  eb_hidden=config.eb_hidden)
-    term = obj.terms[-1][1]
-    batch = jax.tree.map(lambda a: a[:, :16],
-                         train_lib.EnvArrays.from_envs(splits.train))
-    params, stats = model.init(jax.random.key(0), batch.x[0, :1])
-
-    def pen(enc, game=game, term=term):
-      p = dict(params, encoder=enc)
-      feats, logits, _ = deep._forward(model, p, stats, batch.x, True)  # pylint: disable=protected-access
-      out = O.Outputs(logits, batch.y, batch.valid, p, jax.random.key(0),
-                      "binary", feats, model.head_fn, p["head"])
-      if game is not None:
-        sg = jax.lax.stop_gradient
-        gs = game.init(jax.random.key(1), p["head"],
-                       model.encoder.num_features, 2)
-        gs, _ = game.inner(gs, sg(p["head"]), out._replace(
-            logits=sg(logits), features=sg(feats)), jnp.array(True))
-        out = out._replace(state=gs)
-      return term.value(out)
-
-    g = jax.jit(jax.grad(pen))(params["encoder"])
-    assert sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g)) > 0, method
-
-
 def test_build_method_errors():
   with pytest.raises(ValueError, match="unknown deep method 'irmv2'"):
     deep.build_method("irmv2")

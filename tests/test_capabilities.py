@@ -1,0 +1,255 @@
+"""The capability matrix, generated from the method registry.
+
+Every registered method, on the model of every experiment that builds it
+(``build_method`` of ColoredMNIST: the MLP; CIFAR-MNIST and the shift
+experiment: the tiny ResNet), built exactly as the experiment builds it and
+trained by the one trainer (``jirm.fit``, scan runner, 3 updates):
+
+* ``finite``: 3 updates, every metric and state leaf finite;
+* ``extras``: the method's own state (environment heads, players, GroupDRO
+  weights) changes over the updates;
+* ``nan``: the same compiled run on data with a NaN raises
+  :class:`jirm.train.DivergenceError` naming the step and the metric;
+* ``encoder`` (methods with a penalty weight): the penalty moves the
+  encoder (the run at weight w ends with other encoder parameters than the
+  run at weight 0);
+* ``erm`` (stateless penalties): at weight 0 the updates equal ERM's with
+  the same settings, to 1e-6.
+
+One compiled program per method and weight (the NaN run and the ERM
+baseline reuse compiled programs), tiny data, shared settings (width, lr,
+l2) so that ERM compiles once per experiment. What the matrix does not
+run, and where it is tested instead, is in the README's table.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+import goldens
+import jirm
+from experiments import common
+from jirm.methods import registry
+
+MODEL = {"colored_mnist": "mlp", "cifar_mnist": "resnet", "shift": "resnet"}
+STEPS = 3
+WEIGHT = 100.0
+
+
+def _cases():
+  seen, out = set(), []
+  for exp, kind in MODEL.items():
+    for name in registry.names(exp, extra=True):
+      if (name, kind) not in seen:  # Shift adds GroupDRO and IPG+GroupDRO.
+        seen.add((name, kind))
+        out.append((exp, name))
+  return out
+
+
+CASES = _cases()
+PENALIZED = [c for c in CASES if registry.get(c[1]).penalized]
+# BayesianIRM's ERM term is the last draw's (per-env logit scales drawn
+# around 1), as released: not ERM even at weight 0.
+STATELESS = [c for c in PENALIZED if registry.get(c[1]).family == "penalty"
+             and c[1] != "bayesian_irm"]
+
+
+def _config(exp, name, weight):
+  """The experiment's quick config of ``name``, shrunk, penalty from step 0
+  at ``weight``, with settings shared by every method of the experiment."""
+  if exp == "colored_mnist":
+    from experiments.configs import colored_mnist as cfgs  # pylint: disable=g-import-not-at-top
+    c = cfgs.get_config(name, "quick")
+    c.update(dict(hidden_dim=16, lr=1e-3, l2=1e-3, anneal=0,
+                  penalty_weight=weight, batch_size=0, steps=STEPS,
+                  eval_every=STEPS))
+    if "game" in c:
+      c.game.warm_start = 0
+  elif exp == "cifar_mnist":
+    from experiments.configs import cifar_mnist as cfgs  # pylint: disable=g-import-not-at-top
+    c = cfgs.get_config(name, "quick", "tiny", 2)
+    common.apply_overrides(c, ["data.train_num=200", "data.test_num=200"])
+    c.update(dict(anneal_epochs=0, penalty_weight=weight, l2=0.0))
+  else:
+    from experiments.configs import shift as cfgs  # pylint: disable=g-import-not-at-top
+    c = cfgs.get_config(name, "quick", "waterbirds")
+    c.update(dict(anneal=0, penalty_weight=weight, batch_size=8,
+                  steps=STEPS, eval_every=STEPS))
+  return c
+
+
+_BUILT = {}
+
+
+def _built(exp, name, weight, as_erm=False):
+  """The experiment's build of ``name`` (``as_erm``: ERM with the same
+  settings), one per distinct config."""
+  c = _config(exp, name, weight)
+  if as_erm:
+    c.method, c.penalty_weight = "erm", 0.0
+  key = (exp, common.run_key(c.to_dict()))
+  if key not in _BUILT:
+    if exp == "colored_mnist":
+      from experiments import colored_mnist as mod  # pylint: disable=g-import-not-at-top
+      _BUILT[key] = mod.build_method(c, 0, mnist=goldens._mnist())  # pylint: disable=protected-access
+    elif exp == "cifar_mnist":
+      from experiments import cifar_mnist as mod  # pylint: disable=g-import-not-at-top
+      if "cifar" not in goldens._DATA:  # pylint: disable=protected-access
+        goldens._DATA["cifar"] = jirm.data.synthetic_cifar_mnist_sources(300)  # pylint: disable=protected-access
+      _BUILT[key] = mod.build_method(c, 0, sources=goldens._DATA["cifar"])  # pylint: disable=protected-access
+    else:
+      from experiments import shift as mod  # pylint: disable=g-import-not-at-top
+      _BUILT[key] = mod.build_method(c, 0, goldens._shift_root())  # pylint: disable=protected-access
+  return _BUILT[key]
+
+
+def _fit(built, splits=None):
+  kw = dict(built.fit_kw, steps=STEPS, eval_every=STEPS)
+  return jirm.fit(splits or built.splits, built.method, seed=0,
+                  runner="scan", **kw)
+
+
+_RUNS = {}
+
+
+def _run(exp, name, weight, as_erm=False):
+  built = _built(exp, name, weight, as_erm)
+  if id(built) not in _RUNS:
+    _RUNS[id(built)] = _fit(built)
+  return _RUNS[id(built)]
+
+
+def _leaves(tree):
+  return [np.asarray(l) for l in jax.tree.leaves(tree)
+          if hasattr(l, "dtype") and not jirm.train.is_key(l)
+          and np.issubdtype(l.dtype, np.floating)]
+
+
+def _extras(state):
+  """The method's own state: fields beyond step, rng, parameters, BatchNorm
+  statistics and optimizer states."""
+  skip = ("step", "rng", "params", "batch_stats")
+  return {f: getattr(state, f) for f in state._fields
+          if f not in skip and not f.startswith("opt")}
+
+
+def _encoder(state):
+  """Every parameter leaf outside the head (the ResNet's ``encoder``, the
+  MLP's hidden layers; the game's representation or players)."""
+  params = getattr(state, "params", None)
+  if params is None:
+    params = (state.rep, state.players)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return [np.asarray(l) for p, l in flat
+          if "head" not in jax.tree_util.keystr(p)]
+
+
+@pytest.mark.parametrize("exp,name", CASES)
+def test_three_updates_finite_extras_change_and_nan_is_named(exp, name):
+  built = _built(exp, name, WEIGHT)
+  res = _run(exp, name, WEIGHT)
+  assert int(res.state.step) == STEPS
+  assert all(np.isfinite(l).all() for l in _leaves(res.state))
+  assert set(res.history["step"].tolist()) == {STEPS}
+  extras = _leaves(_extras(res.state))
+  if extras:  # Environment heads, players, GroupDRO weights...
+    prepared = built.method.prepare(built.splits.train)
+    before = _leaves(_extras(built.method.init(jax.random.key(0), prepared)))
+    assert any(not np.array_equal(a, b) for a, b in zip(before, extras)), (
+        f"{name}: its state {sorted(_extras(res.state))} did not change")
+  # The same program on a NaN input: the divergence names step and metric.
+  x = np.array(built.splits.train.x, np.float32)
+  x[:] = np.nan
+  bad = dataclasses.replace(built.splits, train=dataclasses.replace(
+      built.splits.train, x=x))
+  # A metric at the first update, or (a method whose metrics stay finite
+  # on it, e.g. V-IRM's players behind a ReLU) the first state leaf.
+  with pytest.raises(jirm.train.DivergenceError, match=(
+      r"training diverged: (\S+ = .* at step 0\b|the state leaf \S+ is "
+      r"NaN/Inf after the update at step \d+)")):
+    _fit(built, bad)
+
+
+@pytest.mark.parametrize("exp,name", PENALIZED)
+def test_the_penalty_moves_the_encoder(exp, name):
+  on, off = _run(exp, name, WEIGHT), _run(exp, name, 0.0)
+  moved = [np.abs(a - b).max() for a, b in zip(_encoder(on.state),
+                                                 _encoder(off.state))]
+  assert max(moved) > 1e-7, f"{name}: the penalty did not reach the encoder"
+
+
+@pytest.mark.parametrize("exp,name", STATELESS)
+def test_weight_zero_equals_erm(exp, name):
+  off = _run(exp, name, 0.0)
+  erm = _run(exp, name, 0.0, as_erm=True)
+  for a, b in zip(_leaves(off.state.params), _leaves(erm.state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_the_matrix_covers_every_registered_method():
+  covered = {n for _, n in CASES}
+  # Not built by these experiments' build_method (own experiment builders;
+  # see the README's matrix): the IRM-TV family (linear model, synthetic
+  # data) and the sparsity methods.
+  elsewhere = set(registry.names("irm_tv") + registry.names("sparse_irm"))
+  assert covered | elsewhere == set(registry.REGISTRY)
+  assert len(CASES) == len(set(CASES))
+
+
+# Where the capabilities this file does not run for every method are
+# tested: (method, model) pairs as they stand. Every other cell of these
+# columns is a gap ("not yet").
+ELSEWHERE = {
+    "fit_sweep: 2 seeds = 2 fits, one compile": {
+        ("irmv1", "mlp")},  # tests/test_sweep.py (and a user EMA method).
+    "8 fake devices = 1 device": {
+        ("erm", "mlp"), ("irmv1", "mlp"), ("bayesian_irm", "mlp"),
+        ("invrat_ec_h", "resnet")},  # tests/test_sharding.py
+    "checkpoint resume = uninterrupted": {
+        ("irmv1", "mlp"),  # SIGKILL mid-run: tests/test_resume.py
+        ("sparse_irm", "mlp")},  # tests/test_masks.py
+}
+
+
+def matrix_markdown() -> str:
+  """The README's capability matrix, from the registry and this file."""
+  cols = ["3 updates finite, extras change, NaN named",
+          "penalty moves encoder", "weight 0 = ERM"] + list(ELSEWHERE)
+  lines = ["| method | model | " + " | ".join(cols) + " |",
+           "|---" * (len(cols) + 2) + "|"]
+  rows = [(name, MODEL[exp], (exp, name)) for exp, name in CASES]
+  rows += [(n, registry.get(n).models[0], None)
+           for n in registry.names("irm_tv") + registry.names("sparse_irm")
+           if n not in {c[1] for c in CASES}]
+  for name, model, case in rows:
+    spec = registry.get(name)
+    if case is None:
+      cells = ["not yet (no build_method in its experiment; its goldens "
+               "train it)"] + ["not yet"] * 2
+    else:
+      cells = ["yes", "yes" if spec.penalized else "– (no penalty weight)"]
+      if case in STATELESS:
+        cells.append("yes")
+      elif name == "bayesian_irm":
+        cells.append("– (its ERM term is the last draw's)")
+      elif spec.penalized:
+        cells.append("– (own head rule and inner game)")
+      else:
+        cells.append("–")
+    cells += ["yes" if (name, model) in pairs else "not yet"
+              for pairs in ELSEWHERE.values()]
+    lines.append(f"| {spec.title} (`{name}`) | {model} | " +
+                 " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def test_readme_shows_the_matrix():
+  import os  # pylint: disable=g-import-not-at-top
+  readme = os.path.join(os.path.dirname(goldens.HERE), "README.md")
+  with open(readme, encoding="utf-8") as f:
+    text = f.read()
+  assert matrix_markdown() in text, (
+      "README's capability matrix is stale: paste tests/test_capabilities."
+      "matrix_markdown()")
