@@ -65,7 +65,7 @@ def define_flags():
   flags.DEFINE_bool("report_only", False, "Only rewrite the reports.")
 
 
-def build_method(config) -> irm_tv.TVMethod:
+def _tv_method(config) -> irm_tv.TVMethod:
   """Config -> :func:`jirm.irm_tv.tv_method` (keyword arguments only)."""
   return irm_tv.tv_method(
       penalty=None if config.penalty == "none" else config.penalty,
@@ -87,6 +87,28 @@ def build_splits(config, seed):
 _METHOD_CACHE = {}
 
 
+def build_method(config, seed=0) -> common.Built:
+  """Config -> :class:`experiments.common.Built`: restart ``seed``'s
+  synthetic environments and the :func:`jirm.irm_tv.tv_method` (cached per
+  config, so restarts reuse the compiled scan run), trained by
+  :func:`jirm.fit`'s scan runner (:func:`jirm.irm_tv.fit` adds IRM-TV's
+  selections). The capability-matrix test builds every method through it.
+
+  Example:
+    >>> built = build_method(configs.get_config("zin", "quick"))
+    >>> res = jirm.fit(built.splits, built.method, seed=0, **built.fit_kw)
+  """
+  key = config.to_json()
+  if key not in _METHOD_CACHE:
+    _METHOD_CACHE[key] = _tv_method(config)
+  method = _METHOD_CACHE[key]
+  return common.Built(
+      build_splits(config, seed), method, method.describe,
+      dict(steps=config.steps, eval_every=config.eval_every, runner="scan"),
+      dict(penalty_weight=config.penalty_weight,
+           train_cons=config.data.train_cons))
+
+
 def run_restart(config, seed, checkpoint_dir=None):
   """One restart (a few seconds: no checkpoint needed); one record per rule.
 
@@ -94,11 +116,8 @@ def run_restart(config, seed, checkpoint_dir=None):
   """
   del checkpoint_dir
   t0 = time.time()
-  key = config.to_json()
-  if key not in _METHOD_CACHE:
-    _METHOD_CACHE[key] = build_method(config)
-  method = _METHOD_CACHE[key]
-  splits = build_splits(config, seed)
+  b = build_method(config, seed)
+  splits, method = b.splits, b.method
   res = irm_tv.fit(splits, method, steps=config.steps,
                    eval_every=config.eval_every, seed=seed)
   wall = time.time() - t0
@@ -114,8 +133,7 @@ def run_restart(config, seed, checkpoint_dir=None):
   records = []
   for rule, sel in res.selections.items():
     rec = dict(method=config.method, preset=config.preset, seed=seed,
-               selection=rule, penalty_weight=config.penalty_weight,
-               train_cons=config.data.train_cons, objective=method.describe,
+               selection=rule, **b.record, objective=b.describe,
                data=splits.info, config=config.to_dict(), wall_s=wall,
                train_wall_s=res.wall_s, **sel)
     if rule == "last" and not config.sweep:  # Sweeps: final numbers only.

@@ -33,7 +33,8 @@ import jirm
 from experiments import common
 from jirm.methods import registry
 
-MODEL = {"colored_mnist": "mlp", "cifar_mnist": "resnet", "shift": "resnet"}
+MODEL = {"colored_mnist": "mlp", "cifar_mnist": "resnet", "shift": "resnet",
+         "irm_tv": "linear"}
 STEPS = 3
 WEIGHT = 100.0
 
@@ -72,11 +73,20 @@ def _config(exp, name, weight):
     c = cfgs.get_config(name, "quick", "tiny", 2)
     common.apply_overrides(c, ["data.train_num=200", "data.test_num=200"])
     c.update(dict(anneal_epochs=0, penalty_weight=weight, l2=0.0))
-  else:
+  elif exp == "shift":
     from experiments.configs import shift as cfgs  # pylint: disable=g-import-not-at-top
     c = cfgs.get_config(name, "quick", "waterbirds")
     c.update(dict(anneal=0, penalty_weight=weight, batch_size=8,
                   steps=STEPS, eval_every=STEPS))
+  else:
+    from experiments.configs import irm_tv as cfgs  # pylint: disable=g-import-not-at-top
+    c = cfgs.get_config(name, "quick")
+    # ZIN / Minimax-TV's inference net ascends only before the penalty
+    # onset: one warm-up update, then the penalty.
+    c.update(dict(anneal=1, penalty_weight=weight, steps=STEPS,
+                  eval_every=STEPS))
+    if weight == 0:  # OOD-TV's learned weight is c * lambda.
+      c.ood_c = 0.0
   return c
 
 
@@ -89,6 +99,8 @@ def _built(exp, name, weight, as_erm=False):
   c = _config(exp, name, weight)
   if as_erm:
     c.method, c.penalty_weight = "erm", 0.0
+    if exp == "irm_tv":
+      c.penalty = "none"
   key = (exp, common.run_key(c.to_dict()))
   if key not in _BUILT:
     if exp == "colored_mnist":
@@ -99,16 +111,18 @@ def _built(exp, name, weight, as_erm=False):
       if "cifar" not in goldens._DATA:  # pylint: disable=protected-access
         goldens._DATA["cifar"] = jirm.data.synthetic_cifar_mnist_sources(300)  # pylint: disable=protected-access
       _BUILT[key] = mod.build_method(c, 0, sources=goldens._DATA["cifar"])  # pylint: disable=protected-access
-    else:
+    elif exp == "shift":
       from experiments import shift as mod  # pylint: disable=g-import-not-at-top
       _BUILT[key] = mod.build_method(c, 0, goldens._shift_root())  # pylint: disable=protected-access
+    else:
+      from experiments import irm_tv as mod  # pylint: disable=g-import-not-at-top
+      _BUILT[key] = mod.build_method(c, 0)
   return _BUILT[key]
 
 
 def _fit(built, splits=None):
-  kw = dict(built.fit_kw, steps=STEPS, eval_every=STEPS)
-  return jirm.fit(splits or built.splits, built.method, seed=0,
-                  runner="scan", **kw)
+  kw = dict(built.fit_kw, steps=STEPS, eval_every=STEPS, runner="scan")
+  return jirm.fit(splits or built.splits, built.method, seed=0, **kw)
 
 
 _RUNS = {}
@@ -132,7 +146,7 @@ def _extras(state):
   statistics and optimizer states."""
   skip = ("step", "rng", "params", "batch_stats")
   return {f: getattr(state, f) for f in state._fields
-          if f not in skip and not f.startswith("opt")}
+          if f not in skip and "opt" not in f}
 
 
 def _encoder(state):
@@ -146,7 +160,24 @@ def _encoder(state):
           if "head" not in jax.tree_util.keystr(p)]
 
 
-@pytest.mark.parametrize("exp,name", CASES)
+# Known defect, found by this matrix (2026-12-02): Minimax-TV-l1's
+# inference net gets an exactly zero ascent gradient while the two inferred
+# environments' g_e = dR_e/ds share a sign, since then
+# (|g_1| + |g_2|)^2 = (g_1 + g_2)^2 does not depend on the soft assignment;
+# at initialisation they do, and on the paper preset it had not moved after
+# 500 steps. Strict: the test says when it is fixed.
+KNOWN = {("irm_tv", "minimax_tv_l1"): (
+    "Minimax-TV-l1's inference net has zero ascent gradient while the "
+    "inferred environments' g_e share a sign")}
+
+
+def _case_params(cases):
+  return [pytest.param(*c, marks=pytest.mark.xfail(strict=True,
+                                                   reason=KNOWN[c]))
+          if c in KNOWN else c for c in cases]
+
+
+@pytest.mark.parametrize("exp,name", _case_params(CASES))
 def test_three_updates_finite_extras_change_and_nan_is_named(exp, name):
   built = _built(exp, name, WEIGHT)
   res = _run(exp, name, WEIGHT)
@@ -154,7 +185,11 @@ def test_three_updates_finite_extras_change_and_nan_is_named(exp, name):
   assert all(np.isfinite(l).all() for l in _leaves(res.state))
   assert set(res.history["step"].tolist()) == {STEPS}
   extras = _leaves(_extras(res.state))
-  if extras:  # Environment heads, players, GroupDRO weights...
+  family = registry.get(name).family
+  if family not in ("erm", "penalty", "ipg"):  # IPG: params + Adam only.
+    assert extras, f"{name}: a stateful method without state of its own"
+  if extras and family not in ("erm", "penalty"):
+    # Environment heads, players, GroupDRO weights, inference nets...
     prepared = built.method.prepare(built.splits.train)
     before = _leaves(_extras(built.method.init(jax.random.key(0), prepared)))
     assert any(not np.array_equal(a, b) for a, b in zip(before, extras)), (
@@ -190,10 +225,9 @@ def test_weight_zero_equals_erm(exp, name):
 
 def test_the_matrix_covers_every_registered_method():
   covered = {n for _, n in CASES}
-  # Not built by these experiments' build_method (own experiment builders;
-  # see the README's matrix): the IRM-TV family (linear model, synthetic
-  # data) and the sparsity methods.
-  elsewhere = set(registry.names("irm_tv") + registry.names("sparse_irm"))
+  # Not built by a build_method yet (the README's matrix says so): the
+  # sparsity methods.
+  elsewhere = set(registry.names("sparse_irm"))
   assert covered | elsewhere == set(registry.REGISTRY)
   assert len(CASES) == len(set(CASES))
 
@@ -221,7 +255,7 @@ def matrix_markdown() -> str:
            "|---" * (len(cols) + 2) + "|"]
   rows = [(name, MODEL[exp], (exp, name)) for exp, name in CASES]
   rows += [(n, registry.get(n).models[0], None)
-           for n in registry.names("irm_tv") + registry.names("sparse_irm")
+           for n in registry.names("sparse_irm")
            if n not in {c[1] for c in CASES}]
   for name, model, case in rows:
     spec = registry.get(name)
@@ -229,13 +263,15 @@ def matrix_markdown() -> str:
       cells = ["not yet (no build_method in its experiment; its goldens "
                "train it)"] + ["not yet"] * 2
     else:
-      cells = ["yes", "yes" if spec.penalized else "– (no penalty weight)"]
+      cells = ["**no**: " + KNOWN[case] if case in KNOWN else "yes", "yes" if spec.penalized else "– (no penalty weight)"]
       if case in STATELESS:
         cells.append("yes")
       elif name == "bayesian_irm":
         cells.append("– (its ERM term is the last draw's)")
-      elif spec.penalized:
+      elif spec.family == "invrat":
         cells.append("– (own head rule and inner game)")
+      elif spec.penalized:
+        cells.append("not yet (inferred envs / learned weight)")
       else:
         cells.append("–")
     cells += ["yes" if (name, model) in pairs else "not yet"
