@@ -118,49 +118,87 @@ def score_optimizer(config):
   return optax.adam(lr)
 
 
-def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
-                checkpoint_dir=None):
-  t0 = time.time()
+def build_method(config, seed=0, data_dir=None, mnist=None):
+  """Config -> :class:`experiments.common.Built` for the dense baselines
+  (ERM, oracle, IRMv1: :func:`jirm.methods.from_objective`) and the masked
+  methods (SparseIRM, SparseERM: :func:`jirm.sparse.sparse_method`), which
+  :func:`run_restart` trains with :func:`jirm.fit`. The capability-matrix
+  test builds them through it.
+
+  Raises:
+    ValueError: for ``mrm``, a pipeline of three fits (dense, mask,
+      retrain: :func:`jirm.sparse.fit_mrm`), not one method.
+
+  Example:
+    >>> built = build_method(configs.get_config("sparse_irm", "quick"))
+    >>> res = jirm.fit(built.splits, built.method, seed=0, **built.fit_kw)
+  """
+  if config.method == "mrm":
+    raise ValueError("mrm is three fits (dense, mask, retrain; "
+                     "jirm.sparse.fit_mrm), not one method: build_method "
+                     "builds erm, oracle, irmv1, sparse_irm, sparse_erm.")
   splits = build_data(config, seed, data_dir, mnist)
   out = 10 if splits.task == "multiclass" else 1
   model = jirm.models.mlp(config.hidden_dim, config.depth, out=out)
   objective = build_objective(config)
-  desc = f"{config.method} h{config.hidden_dim} seed {seed}"
-  common_kw = dict(eval_every=config.eval_every, progress=progress, desc=desc)
-  tensorboard = common.metrics_dir_for(checkpoint_dir)
   batch = config.batch_size or None
+  jirm.train.check_batch_size(batch, splits.train)
   if config.method in ("sparse_irm", "sparse_erm"):
-    res = sparse.fit(
-        splits, model=model, objective=objective, steps=config.steps,
-        keep_target=config.keep, seed=seed,
-        weight_opt=optax.adam(config.lr), score_opt=score_optimizer(config),
-        score_start=config.score_start, budget_end=config.budget_end,
-        batch_size=batch, checkpoint_dir=checkpoint_dir,
-        checkpoint_every=config.checkpoint_every, metrics_dir=tensorboard,
-        **common_kw)
-    density = float(res.history["density"][-1])
-  elif config.method == "mrm":
+    steps_per_epoch = (1 if batch is None else
+                       max(min(splits.train.sizes) // batch, 1))
+    method = sparse.sparse_method(
+        model, objective, steps=config.steps, keep_target=config.keep,
+        task=splits.task, weight_opt=optax.adam(config.lr),
+        score_opt=score_optimizer(config), score_start=config.score_start,
+        budget_end=config.budget_end, batch_size=batch,
+        steps_per_epoch=steps_per_epoch)
+  else:
+    method = jirm.methods.from_objective(model, objective,
+                                         optax.adam(config.lr),
+                                         task=splits.task, batch_size=batch)
+  return common.Built(splits, method, objective.describe(),
+                      dict(steps=config.steps, eval_every=config.eval_every),
+                      _record_fields(config))
+
+
+def _record_fields(config):
+  return dict(hidden_dim=config.hidden_dim, penalty=config.penalty,
+              dataset=config.data.dataset, data_num=config.data.data_num)
+
+
+def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
+                checkpoint_dir=None):
+  t0 = time.time()
+  desc = f"{config.method} h{config.hidden_dim} seed {seed}"
+  common_kw = dict(progress=progress, desc=desc)
+  if config.method == "mrm":
+    splits = build_data(config, seed, data_dir, mnist)
+    out = 10 if splits.task == "multiclass" else 1
+    model = jirm.models.mlp(config.hidden_dim, config.depth, out=out)
+    objective = build_objective(config)
     m = config.mrm
     res = sparse.fit_mrm(
         splits, model=model, objective=objective, dense_steps=m.dense_steps,
         mask_steps=m.mask_steps, retrain_steps=m.retrain_steps,
         sparsity=m.sparsity, seed=seed, lr=config.lr,
-        mask_lr=config.score_lr, **common_kw)
+        mask_lr=config.score_lr, eval_every=config.eval_every, **common_kw)
     density = float(res.history["mrm_density"][-1])
+    describe, record = objective.describe(), _record_fields(config)
   else:
-    res = jirm.fit(splits, model=model, objective=objective,
-                   optimizer=optax.adam(config.lr), steps=config.steps,
-                   seed=seed, batch_size=batch, checkpoint_dir=checkpoint_dir,
+    b = build_method(config, seed, data_dir, mnist)
+    splits, describe, record = b.splits, b.describe, b.record
+    res = jirm.fit(splits, b.method, seed=seed,
+                   checkpoint_dir=checkpoint_dir,
                    checkpoint_every=config.checkpoint_every,
-                   metrics_dir=tensorboard, **common_kw)
-    density = 1.0
+                   metrics_dir=common.metrics_dir_for(checkpoint_dir),
+                   **common_kw, **b.fit_kw)
+    density = (float(res.history["density"][-1])
+               if config.method in ("sparse_irm", "sparse_erm") else 1.0)
   if checkpoint_dir is not None:  # Final weights (and mask) for ablations.
     _save_params(checkpoint_dir, res.params)
   return common.records_from_fit(
-      res, config, seed, objective.describe(), splits.info, time.time() - t0,
-      hidden_dim=config.hidden_dim, penalty=config.penalty,
-      dataset=config.data.dataset, data_num=config.data.data_num,
-      density=density)
+      res, config, seed, describe, splits.info, time.time() - t0,
+      **record, density=density)
 
 
 def _params_path(checkpoint_dir):
