@@ -134,9 +134,9 @@ def _built(exp, name, weight, as_erm=False):
   return _BUILT[key]
 
 
-def _fit(built, splits=None):
+def _fit(built, splits=None, seed=0):
   kw = dict(built.fit_kw, steps=STEPS, eval_every=STEPS, runner="scan")
-  return jirm.fit(splits or built.splits, built.method, seed=0, **kw)
+  return jirm.fit(splits or built.splits, built.method, seed=seed, **kw)
 
 
 _RUNS = {}
@@ -239,6 +239,38 @@ def test_weight_zero_equals_erm(exp, name):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
+# The vmapped ResNet program rounds differently from the unvmapped one and
+# Adam's eps 1e-8 amplifies BatchNorm-bias noise (goldens.ADAM_EPS): 3e-6
+# absolute after 3 steps, and 12 more compiles (3 CPU-minutes); not run yet.
+SWEPT = [c for c in CASES if MODEL[c[0]] != "resnet"]
+
+
+@pytest.mark.parametrize("exp,name", SWEPT)
+def test_fit_sweep_of_two_seeds_equals_two_fits_with_one_compile(
+    exp, name, caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  from jirm import sweep  # pylint: disable=g-import-not-at-top
+  built = _built(exp, name, WEIGHT)
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    swept = sweep.fit_sweep(built.splits, lambda hp: built.method,
+                            seeds=[0, 1], steps=STEPS, eval_every=STEPS,
+                            eval_chunk=built.fit_kw.get("eval_chunk"))
+  compiled = [r.getMessage() for r in caplog.records
+              if "Finished XLA compilation" in r.getMessage()
+              and "sweep_run" in r.getMessage()]
+  assert len(compiled) == 1, compiled
+  for seed, res in enumerate(swept):
+    ref = _run(exp, name, WEIGHT) if seed == 0 else _fit(built, seed=seed)
+    assert res.diverged is None
+    for a, b in zip(_leaves(res.state), _leaves(ref.state)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{name} seed {seed}")
+    np.testing.assert_allclose(res.history["test_acc_E"],
+                               ref.history["test_acc_E"], atol=1e-6)
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      _leaves(swept[0].state), _leaves(swept[1].state)))
+
+
 def test_the_matrix_covers_every_registered_method():
   covered = {n for _, n in CASES}
   assert covered | set(NO_METHOD) == set(registry.REGISTRY)
@@ -249,8 +281,6 @@ def test_the_matrix_covers_every_registered_method():
 # tested: (method, model) pairs as they stand. Every other cell of these
 # columns is a gap ("not yet").
 ELSEWHERE = {
-    "fit_sweep: 2 seeds = 2 fits, one compile": {
-        ("irmv1", "mlp")},  # tests/test_sweep.py (and a user EMA method).
     "8 fake devices = 1 device": {
         ("erm", "mlp"), ("irmv1", "mlp"), ("bayesian_irm", "mlp"),
         ("invrat_ec_h", "resnet")},  # tests/test_sharding.py
@@ -263,7 +293,8 @@ ELSEWHERE = {
 def matrix_markdown() -> str:
   """The README's capability matrix, from the registry and this file."""
   cols = ["3 updates finite, extras change, NaN named",
-          "penalty moves encoder", "weight 0 = ERM"] + list(ELSEWHERE)
+          "penalty moves encoder", "weight 0 = ERM",
+          "fit_sweep: 2 seeds = 2 fits, one compile"] + list(ELSEWHERE)
   lines = ["| method | model | " + " | ".join(cols) + " |",
            "|---" * (len(cols) + 2) + "|"]
   rows = [(name, MODEL[exp], (exp, name)) for exp, name in CASES]
@@ -272,9 +303,10 @@ def matrix_markdown() -> str:
     spec = registry.get(name)
     if case is None:
       cells = [f"– (not one method: {NO_METHOD[name]}; its golden trains "
-               "it)", "–", "–"]
+               "it)", "–", "–", "–"]
     else:
-      cells = ["**no**: " + KNOWN[case] if case in KNOWN else "yes", "yes" if spec.penalized else "– (no penalty weight)"]
+      cells = ["**no**: " + KNOWN[case] if case in KNOWN else "yes",
+               "yes" if spec.penalized else "– (no penalty weight)"]
       if case in STATELESS:
         cells.append("yes")
       elif name == "bayesian_irm":
@@ -289,6 +321,8 @@ def matrix_markdown() -> str:
         cells.append("not yet (inferred envs / learned weight)")
       else:
         cells.append("–")
+      cells.append("yes" if case in SWEPT else
+                   "not yet (vmapped ResNet rounding under Adam eps 1e-8)")
     cells += ["yes" if (name, model) in pairs else "not yet"
               for pairs in ELSEWHERE.values()]
     lines.append(f"| {spec.title} (`{name}`) | {model} | " +
