@@ -343,14 +343,24 @@ def spread_table(records: Sequence[dict], selection: str = "last",
 
 
 def save_figure(fig, path: str, dpi: int = 120) -> None:
-  """Saves a matplotlib figure atomically (temporary file, then rename) and
-  closes it."""
+  """Saves a matplotlib figure atomically (a temporary file of its own, then
+  rename) and closes it; processes sharing an output directory may save the
+  same figure at once (each rename is whole)."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(path)
-  tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
-  fig.savefig(tmp, dpi=dpi, format="png")
-  plt.close(fig)
-  os.replace(tmp, path)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path),
+                             prefix=".tmp-" + os.path.basename(path))
+  try:
+    with os.fdopen(fd, "wb") as f:
+      fig.savefig(f, dpi=dpi, format="png")
+    plt.close(fig)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def plot_curves(records: Sequence[dict], path: str, title: str = "") -> None:

@@ -1,6 +1,7 @@
-"""jirm.results: records are strict JSON."""
+"""jirm.results: records are strict JSON; figures are saved atomically."""
 
 import json
+import os
 
 import numpy as np
 
@@ -27,3 +28,33 @@ def test_non_finite_numbers_are_written_as_null(tmp_path):
   with open(path) as f:
     rows = [_strict_loads(l) for l in f]
   assert [r["seed"] for r in rows] == [3, 4]
+
+
+_SAVER = """
+import sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from jirm import results
+for i in range(15):
+  fig, ax = plt.subplots()
+  ax.plot([0, i])
+  results.save_figure(fig, sys.argv[1])
+"""
+
+
+def test_two_processes_save_the_same_figure_at_once(tmp_path):
+  # Two copies of one experiment share an output directory (the restart
+  # locks); both rewrite curves.png after each restart. A shared temporary
+  # name made one rename fail (FileNotFoundError) once the other had
+  # renamed it.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "curves.png")
+  procs = [subprocess.Popen([sys.executable, "-c", _SAVER, path],
+                            stderr=subprocess.PIPE, text=True)
+           for _ in range(2)]
+  errs = [p.communicate(timeout=120)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], errs
+  assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  assert sorted(os.listdir(tmp_path)) == ["curves.png"]  # No leftovers.
