@@ -3,7 +3,7 @@
 ImageNet weights cannot be downloaded on our machines; users who have a
 torchvision ``.pth`` file (e.g. ``resnet18-f37072fd.pth``) load it with
 :func:`load_torchvision_resnet` and pass the result to
-``jirm.deep.fit(init_params=...)``. Conversion is pure numpy
+``jirm.deep.deep_method(init_params=...)``. Conversion is pure numpy
 (:func:`from_torchvision`); reading the ``.pth`` file needs ``torch``.
 
 Key mapping (torchvision -> jirm):
@@ -17,7 +17,7 @@ Key mapping (torchvision -> jirm):
 Example:
   >>> params, batch_stats = load_torchvision_resnet('resnet18.pth',
   ...                                               'resnet18')
-  >>> res = jirm.deep.fit(..., init_params=(params, batch_stats))
+  >>> method = jirm.deep.deep_method(..., init_params=(params, batch_stats))
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ Example:
   >>> sched = jirm.schedules.preset('irmbed', weight=10.0, anneal=2,
   ...                               steps_per_epoch=70)
   >>> obj = jirm.erm(reduction='pooled') + sched * game.term
-  >>> res = fit(splits, model=model, objective=obj, game=game,
-  ...           optimizer=optax.adam(1e-3), steps=700, batch_size=64,
-  ...           anneal_step=140, head_update='frozen')
+  >>> method = deep_method(model, obj, optax.adam(1e-3), batch_size=64,
+  ...                      game=game, anneal_step=140, head_update='frozen')
+  >>> res = jirm.fit(splits, method, steps=700, eval_chunk=500)
 """
 
 from __future__ import annotations
@@ -711,35 +711,3 @@ def deep_method(model: DeepModel, objective: objectives.Objective,
 
   return base.Method(init, update, predict,
                      export=lambda state: (state.params, state.batch_stats))
-
-
-def fit(splits: data_lib.EnvSplits, *, model: DeepModel,
-        objective: objectives.Objective,
-        optimizer: optax.GradientTransformation, steps: int, batch_size: int,
-        seed: int = 0, game: Optional[Game] = None, anneal_step: int = 0,
-        head_update: str = "total", transform: str = "none", init_params=None,
-        eval_every: int = 50, eval_train_max: Optional[int] = 1000,
-        progress: bool = False, desc: str = "",
-        checkpoint_dir: Optional[str] = None,
-        checkpoint_every: int = 200,
-        step_factory: Callable = None, metrics_dir: Optional[str] = None):
-  """Kept for existing callers: :func:`jirm.fit` of :func:`deep_method`.
-
-  Equivalent to ``jirm.fit(splits, deep_method(model, objective, optimizer,
-  batch_size=..., task=splits.task, game=..., ...), steps=..., seed=...,
-  eval_every=..., eval_chunk=500 (100 with transform='irmbed'),
-  eval_train_max=...)``; ``params`` of the result is ``(params,
-  batch_stats)``.
-  """
-  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
-  train_lib.check_batch_size(batch_size, splits.train)
-  method = deep_method(model, objective, optimizer, batch_size=batch_size,
-                       task=splits.task, game=game, anneal_step=anneal_step,
-                       head_update=head_update, transform=transform,
-                       init_params=init_params, step_factory=step_factory)
-  return train_lib.fit(
-      splits, method, steps=steps, seed=seed, eval_every=eval_every,
-      eval_chunk=100 if transform == "irmbed" else 500,
-      eval_train_max=eval_train_max, progress=progress, desc=desc,
-      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-      metrics_dir=metrics_dir)

@@ -21,9 +21,10 @@ penalty: "IPG combined with any jirm penalty").
 Example:
   >>> splits = jirm.data.colored_mnist(seed=0)
   >>> pairs = ipg.colored_mnist_pairs(splits.train, num_pairs=2000, seed=0)
-  >>> res = ipg.fit(splits, model=jirm.models.mlp(390), pairs=pairs,
-  ...               objective=jirm.erm + 0.0011 * jirm.l2,
-  ...               optimizer=optax.adam(4.9e-4), steps=501)
+  >>> method = ipg.ipg(model=jirm.models.mlp(390), pairs=pairs,
+  ...                  objective=jirm.erm + 0.0011 * jirm.l2,
+  ...                  optimizer=optax.adam(4.9e-4))
+  >>> res = jirm.fit(splits, method, steps=501)
 """
 
 from __future__ import annotations
@@ -382,30 +383,6 @@ def ipg(*, model, objective: objectives.Objective,
   return base.Method(init, update, predict)
 
 
-def fit(splits: data_lib.EnvSplits, *, model, pairs: Pairs,
-        objective: objectives.Objective,
-        optimizer: optax.GradientTransformation, steps: int, seed: int = 0,
-        threshold: float = 2e-6, alpha: float = 1.0, pair_batch: int = 300,
-        head_kernel: Callable = mlp_head_kernel,
-        batch_size: Optional[int] = None, eval_every: int = 10,
-        progress: bool = False, desc: str = "",
-        checkpoint_dir: Optional[str] = None,
-        checkpoint_every: int = 100, metrics_dir: Optional[str] = None):
-  """Kept for existing callers: ``jirm.fit(splits, ipg(model=..., ...,
-  task=splits.task), steps=..., seed=..., eval_every=...)``."""
-  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
-  train_lib.check_batch_size(batch_size, splits.train)
-  method = ipg(model=model, objective=objective, optimizer=optimizer,
-               pairs=pairs, head_kernel=head_kernel, threshold=threshold,
-               alpha=alpha, pair_batch=pair_batch, task=splits.task,
-               batch_size=batch_size)
-  return train_lib.fit(splits, method, steps=steps, seed=seed,
-                       eval_every=eval_every, progress=progress, desc=desc,
-                       checkpoint_dir=checkpoint_dir,
-                       checkpoint_every=checkpoint_every,
-                       metrics_dir=metrics_dir)
-
-
 def deep_head_kernel(params):
   """The linear head's weights ``[D, C]`` of a :class:`jirm.deep.DeepModel`
   (``resnet.LinearHead``)."""
@@ -415,7 +392,8 @@ def deep_head_kernel(params):
 def deep_step_factory(pairs: Pairs, *, threshold: float = 2e-6,
                       alpha: float = 1.0, pair_batch: int = 300,
                       head_kernel: Callable = deep_head_kernel) -> Callable:
-  """IPG for deep models: a ``step_factory`` for :func:`jirm.deep.fit`.
+  """IPG for deep models: a ``step_factory`` for
+  :func:`jirm.deep.deep_method`.
 
   The returned factory has :func:`jirm.deep.make_step`'s signature and
   builds IPG's two-step update on a balanced epoch batch. Both pair members
@@ -424,9 +402,10 @@ def deep_step_factory(pairs: Pairs, *, threshold: float = 2e-6,
 
   Example:
     >>> pairs = ipg.cifar_mnist_pairs(splits.train, num_pairs=1000)
-    >>> res = deep.fit(splits, model=model, objective=jirm.erm(reduction=
-    ...     'pooled'), optimizer=optax.adam(1e-3), steps=280, batch_size=64,
-    ...     step_factory=ipg.deep_step_factory(pairs, alpha=0.2))
+    >>> method = deep.deep_method(
+    ...     model, jirm.erm(reduction='pooled'), optax.adam(1e-3),
+    ...     batch_size=64, step_factory=ipg.deep_step_factory(pairs, alpha=0.2))
+    >>> res = jirm.fit(splits, method, steps=280)
   """
   pairs.check()
   from jirm import deep  # pylint: disable=g-import-not-at-top

@@ -10,7 +10,7 @@ V-IRM adds Phi (an MLP) as an extra player with learning rate ``rep_lr_scale``
 x lr, updated on the pooled batch of all environments (players are then
 linear heads). Termination (the paper's rule): after ``warm_start`` steps,
 stop at the first evaluation where the ensemble's training accuracy drops
-below ``threshold``; :func:`fit` reports that point as the ``game_stop``
+below ``threshold``; :func:`add_game_stop` reports that point as the ``game_stop``
 selection next to ``last`` / ``train_domain_val`` / ``oracle``.
 
 All players' parameters are stacked on a leading player axis and updated by
@@ -18,7 +18,9 @@ one jitted step (the moving player is selected with ``jnp.where``, no Python
 branching), so the whole game compiles once.
 
 Example:
-  >>> res = fit(jirm.data.colored_mnist(0), variant='v', steps=3000)
+  >>> res = jirm.fit(jirm.data.colored_mnist(0), irm_game(variant='v'),
+  ...                steps=3000, eval_every=50)
+  >>> add_game_stop(res, warm_start=1000, threshold=0.6)
   >>> res.selections['game_stop']['test_acc']
 """
 
@@ -156,39 +158,6 @@ def irm_game(*, variant: str = "f", hidden_dim: int = 390, depth: int = 2,
 
   return base.Method(init, update, predict,
                      export=lambda state: (state.players, state.rep))
-
-
-def fit(splits: data_lib.EnvSplits, *, variant: str = "f", steps: int = 3000,
-        seed: int = 0, warm_start: int = 1000, threshold: float = 0.6,
-        eval_every: int = 50, progress: bool = False, desc: str = "",
-        checkpoint_dir: Optional[str] = None, checkpoint_every: int = 500,
-        metrics_dir: Optional[str] = None, **game_kwargs):
-  """Plays the game on ``splits`` and evaluates the ensemble.
-
-  Args:
-    splits: environments.
-    variant: ``'f'`` or ``'v'``.
-    steps: total moves.
-    seed: initialisation and batch sampling.
-    warm_start: steps before the termination rule applies.
-    threshold: termination when the ensemble's train accuracy drops below it.
-    eval_every, progress, desc, checkpoint_dir, checkpoint_every,
-      metrics_dir: as :func:`jirm.train.fit`.
-    **game_kwargs: passed to :func:`irm_game`.
-
-  Returns:
-    :class:`jirm.train.FitResult`; selections include ``game_stop`` (the
-    termination point, or the last step if the rule never fired).
-  """
-  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
-  res = train_lib.fit(splits, irm_game(variant=variant, task=splits.task,
-                                       **game_kwargs),
-                      steps=steps, seed=seed, eval_every=eval_every,
-                      progress=progress, desc=desc,
-                      checkpoint_dir=checkpoint_dir,
-                      checkpoint_every=checkpoint_every,
-                      metrics_dir=metrics_dir)
-  return add_game_stop(res, warm_start=warm_start, threshold=threshold)
 
 
 def add_game_stop(res, *, warm_start: int, threshold: float):

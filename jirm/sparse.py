@@ -13,8 +13,9 @@ original initialisation.
 Example:
   >>> objective = jirm.erm + 1e-3 * jirm.l2 + sched * jirm.irmv1(
   ...     variant='env_scale')
-  >>> res = sparse.fit(splits, model=jirm.models.mlp(390),
-  ...                  objective=objective, steps=1501, keep_target=0.95)
+  >>> method = sparse.sparse_method(jirm.models.mlp(390), objective,
+  ...                               steps=1501, keep_target=0.95)
+  >>> res = jirm.fit(splits, method, steps=1501)
 """
 
 from __future__ import annotations
@@ -201,36 +202,6 @@ def sparse_method(model, objective: objectives.Objective, *, steps: int,
       "params": state.params, "scores": state.scores})
 
 
-def fit(splits: data_lib.EnvSplits, *, model, objective: objectives.Objective,
-        steps: int, keep_target: float, seed: int = 0,
-        weight_opt: Optional[optax.GradientTransformation] = None,
-        score_opt: Optional[optax.GradientTransformation] = None,
-        pattern: str = masks.DEFAULT_PATTERN, score_start: float = 0.28,
-        budget_end: float = 0.6, sparsity: float = 0.0,
-        batch_size: Optional[int] = None, eval_every: int = 10,
-        init_params=None, progress: bool = False, desc: str = "",
-        checkpoint_dir: Optional[str] = None,
-        checkpoint_every: int = 100, metrics_dir: Optional[str] = None):
-  """Kept for existing callers: ``jirm.fit(splits, sparse_method(model,
-  objective, steps=..., keep_target=..., task=splits.task,
-  steps_per_epoch=min_e n_e // batch_size, ...), steps=..., seed=...)``;
-  the result's ``params`` is ``{'params': weights, 'scores': scores}``."""
-  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
-  steps_per_epoch = (1 if batch_size is None else
-                     max(min(splits.train.sizes) // batch_size, 1))
-  method = sparse_method(
-      model, objective, steps=steps, keep_target=keep_target,
-      task=splits.task, weight_opt=weight_opt, score_opt=score_opt,
-      pattern=pattern, score_start=score_start, budget_end=budget_end,
-      sparsity=sparsity, batch_size=batch_size,
-      steps_per_epoch=steps_per_epoch, init_params=init_params)
-  return train_lib.fit(splits, method, steps=steps, seed=seed,
-                       eval_every=eval_every, progress=progress, desc=desc,
-                       checkpoint_dir=checkpoint_dir,
-                       checkpoint_every=checkpoint_every,
-                       metrics_dir=metrics_dir)
-
-
 def fit_mrm(splits: data_lib.EnvSplits, *, model,
             objective: objectives.Objective, dense_steps: int,
             mask_steps: int, retrain_steps: int, sparsity: float = 1.0,
@@ -258,11 +229,13 @@ def fit_mrm(splits: data_lib.EnvSplits, *, model,
                         optimizer=optax.adam(lr), steps=dense_steps,
                         seed=seed, eval_every=dense_steps, progress=progress,
                         desc=desc + " dense")
-  masked = fit(splits, model=model, objective=objective, steps=mask_steps,
-               keep_target=1.0, seed=seed, weight_opt=optax.set_to_zero(),
-               score_opt=optax.adam(mask_lr), pattern=pattern,
-               score_start=0.0, sparsity=sparsity, init_params=dense.params,
-               eval_every=mask_steps, progress=progress, desc=desc + " mask")
+  masked = train_lib.fit(splits, sparse_method(
+      model, objective, steps=mask_steps, keep_target=1.0, task=splits.task,
+      weight_opt=optax.set_to_zero(), score_opt=optax.adam(mask_lr),
+      pattern=pattern, score_start=0.0, sparsity=sparsity,
+      init_params=dense.params), steps=mask_steps, seed=seed,
+                          eval_every=mask_steps, progress=progress,
+                          desc=desc + " mask")
   hard = masks.hard(masked.params["scores"])
   sub = _Masked(model, hard)
   res = train_lib.fit(splits, model=sub, objective=objective,

@@ -196,9 +196,10 @@ def test_gate_sets_the_loss_gradient_length():
 
 def test_fit_runs_on_synthetic_colored_mnist(cmnist):
   pairs = ipg.colored_mnist_pairs(cmnist.train, num_pairs=100, seed=0)
-  res = ipg.fit(cmnist, model=jirm.models.mlp(16), pairs=pairs,
-                objective=jirm.erm + 1e-3 * jirm.l2, optimizer=optax.adam(1e-3),
-                steps=6, eval_every=3, pair_batch=50)
+  res = jirm.fit(cmnist, ipg.ipg(
+      model=jirm.models.mlp(16), pairs=pairs,
+      objective=jirm.erm + 1e-3 * jirm.l2, optimizer=optax.adam(1e-3),
+      pair_batch=50, task=cmnist.task), steps=6, eval_every=3)
   for key in ("ipg_d", "ipg_c", "ipg_gated"):
     assert key in res.history and np.isfinite(res.history[key]).all()
   assert {"last", "oracle"} <= set(res.selections)
@@ -236,11 +237,12 @@ def test_deep_ipg_runs_three_steps_on_the_tiny_resnet():
                             sources=sources)
   pairs = ipg.cifar_mnist_pairs(s.train, num_pairs=40, seed=0)
   model = deep.deep_model("tiny")
-  res = deep.fit(s, model=model, objective=jirm.erm(reduction="pooled"),
-                 optimizer=_optax.adam(1e-3), steps=3, batch_size=16,
-                 eval_every=3, eval_train_max=50,
-                 step_factory=ipg.deep_step_factory(pairs, threshold=0.0,
-                                                    alpha=0.5, pair_batch=8))
+  method = deep.deep_method(
+      model, jirm.erm(reduction="pooled"), _optax.adam(1e-3), batch_size=16,
+      task=s.task, step_factory=ipg.deep_step_factory(
+          pairs, threshold=0.0, alpha=0.5, pair_batch=8))
+  res = jirm.fit(s, method, steps=3, eval_every=3, eval_chunk=500,
+                 eval_train_max=50)
   h = res.history
   assert np.isfinite(h["ipg_d"]).all() and h["ipg_d"][-1] > 0
   assert h["ipg_gated"][-1] == 1.0

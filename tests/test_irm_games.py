@@ -59,14 +59,16 @@ def test_players_gradient_is_ensemble_loss_on_own_env(splits):
 
 
 def test_fit_reports_termination_point(splits):
-  res = irm_games.fit(splits, variant="v", steps=40, warm_start=10,
-                      threshold=1.01, eval_every=10, hidden_dim=16,
-                      batch_size=32)
+  game = lambda v: irm_games.irm_game(variant=v, hidden_dim=16,
+                                     batch_size=32, task=splits.task)
+  res = irm_games.add_game_stop(
+      jirm.fit(splits, game("v"), steps=40, eval_every=10), warm_start=10,
+      threshold=1.01)
   stop = res.selections["game_stop"]
   assert stop["fired"] and stop["step"] == 10  # First eval after warm start.
-  never = irm_games.fit(splits, variant="f", steps=20, warm_start=0,
-                        threshold=-1.0, eval_every=10, hidden_dim=16,
-                        batch_size=32)
+  never = irm_games.add_game_stop(
+      jirm.fit(splits, game("f"), steps=20, eval_every=10), warm_start=0,
+      threshold=-1.0)
   assert not never.selections["game_stop"]["fired"]
   assert never.selections["game_stop"]["step"] == 20
 

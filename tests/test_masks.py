@@ -183,12 +183,15 @@ def test_sparse_fit_runs_and_irm_gradient_reaches_scores(synthetic_mnist):
 
   g = jax.jit(jax.grad(penalty_only))(scores)
   assert all(float(jnp.abs(v).sum()) > 0 for v in g.values())
-  res = sparse.fit(splits, model=model, objective=objective, steps=12,
-                   keep_target=0.6, eval_every=4)
+  fit = lambda batch_size=None, **kw: jirm.fit(splits, sparse.sparse_method(
+      model, objective, steps=12, keep_target=0.6, task=splits.task,
+      batch_size=batch_size, steps_per_epoch=(
+          1 if batch_size is None else min(splits.train.sizes) // batch_size)),
+                                               steps=12, **kw)
+  res = fit(eval_every=4)
   assert res.history["density"][-1] <= 0.6 + 1e-3
   # Minibatches: the temperature rises per epoch (500 // 100 = 5 steps).
-  res = sparse.fit(splits, model=model, objective=objective, steps=12,
-                   keep_target=0.6, eval_every=1, batch_size=100)
+  res = fit(eval_every=1, batch_size=100)
   temps = res.history["inverse_temp"]
   assert temps[0] == temps[4] < temps[5] == temps[9] < temps[10]
   assert np.isfinite(res.history["term/erm"]).all()
@@ -305,14 +308,15 @@ def test_experiment_writes_tables(tmp_path, synthetic_mnist):
 def test_sparse_fit_resumes_from_checkpoint(tmp_path, synthetic_mnist):
   splits, objective = _step_setup(synthetic_mnist)
   model = models.mlp(16)
-  kw = dict(model=model, objective=objective, steps=20, keep_target=0.5,
-            eval_every=5)
-  full = sparse.fit(splits, **kw)
+  method = sparse.sparse_method(model, objective, steps=20, keep_target=0.5,
+                                task=splits.task)
+  fit = lambda **kw: jirm.fit(splits, method, steps=20, eval_every=5, **kw)
+  full = fit()
   ckpt = str(tmp_path / "ckpt")
-  sparse.fit(splits, checkpoint_dir=ckpt, checkpoint_every=5, **kw)
+  fit(checkpoint_dir=ckpt, checkpoint_every=5)
   import os, shutil  # pylint: disable=g-import-not-at-top,multiple-imports
   shutil.rmtree(os.path.join(ckpt, "20"))  # As if killed after step 15.
-  resumed = sparse.fit(splits, checkpoint_dir=ckpt, checkpoint_every=5, **kw)
+  resumed = fit(checkpoint_dir=ckpt, checkpoint_every=5)
   np.testing.assert_array_equal(resumed.history["test_acc_E"],
                                 full.history["test_acc_E"])
   jax.tree.map(np.testing.assert_array_equal, resumed.params["scores"],

@@ -180,9 +180,11 @@ def test_three_steps_on_fake_waterbirds(wb_root, method):
     assert pairs.x.shape[:2] == (6, 2)
     assert np.all(pairs.y[:3] == 0) and np.all(pairs.y[3:] == 1)
     factory = ipg.deep_step_factory(pairs, threshold=0.0, pair_batch=4)
-  res = deep.fit(splits, model=model, objective=objective, game=game,
-                 optimizer=optax.adam(1e-3), steps=3, batch_size=2,
-                 eval_every=1, seed=0, step_factory=factory)
+  method = deep.deep_method(model, objective, optax.adam(1e-3),
+                            batch_size=2, task=splits.task, game=game,
+                            step_factory=factory)
+  res = jirm.fit(splits, method, steps=3, eval_every=1, seed=0,
+                 eval_chunk=500)
   sel = res.selections["last"]
   assert set(sel["group_acc"]) == {f"test:{g}" for g in
                                    shift.WATERBIRDS_GROUPS}
