@@ -171,12 +171,8 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
                      f"sampling (batch_size={config.batch_size}) is "
                      f"single-device only: --set=batch_size=0.")
   b = build_method(config, seed, data_dir, mnist)
-  res = jirm.fit(b.splits, b.method, seed=seed, progress=progress,
-                 desc=f"{config.method} seed {seed}",
-                 checkpoint_dir=checkpoint_dir,
-                 checkpoint_every=config.checkpoint_every, mesh=mesh,
-                 metrics_dir=common.metrics_dir_for(checkpoint_dir),
-                 **b.fit_kw)
+  res = common.fit_restart(b, config, seed, progress=progress,
+                           checkpoint_dir=checkpoint_dir, mesh=mesh)
   if config.method in GAME_METHODS:
     from jirm import irm_games  # pylint: disable=g-import-not-at-top
     irm_games.add_game_stop(res, warm_start=config.game.warm_start,

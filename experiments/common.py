@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import sys
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from absl import logging
 
@@ -222,13 +222,59 @@ class Built(NamedTuple):
   """What an experiment's ``build_method(config, seed, ...)`` returns: the
   restart's data, its :class:`jirm.methods.Method`, the objective's
   description, the trainer arguments for :func:`jirm.fit` (steps,
-  evaluation) and extra record fields."""
+  evaluation), extra record fields and, where the study has its own rules,
+  ``select(history, env_names) -> selections`` (e.g.
+  :func:`jirm.irm_tv.select`; None: :func:`jirm.selection.select`)."""
 
   splits: Any
   method: Any
   describe: str
   fit_kw: dict
   record: dict
+  select: Optional[Callable] = None
+
+
+def fit_restart(built: Built, config, seed: int, *, progress: bool = False,
+                checkpoint_dir: Optional[str] = None, mesh=None,
+                desc: Optional[str] = None):
+  """Trains one restart of an experiment: :func:`jirm.fit` of
+  ``built.method`` on ``built.splits`` with the study's trainer arguments,
+  orbax checkpoints (and TensorBoard scalars beside them) when
+  ``checkpoint_dir`` is given, and the study's selection rules.
+
+  Every experiment's ``run_restart`` is ``build_method`` + this + its
+  records; the golden trajectories (``tests/goldens.py``) read the result.
+
+  Args:
+    built: from the experiment's ``build_method(config, seed, ...)``.
+    config: the restart's config (``method``, ``checkpoint_every``).
+    seed: initialisation seed.
+    progress: show a progress bar.
+    checkpoint_dir: resume from / save to this directory.
+    mesh: a device mesh (data parallel), or None.
+    desc: progress-bar label (default ``'<method> seed <seed>'``).
+
+  Returns:
+    The :class:`jirm.train.FitResult`, its selections from ``built.select``
+    when the study has its own rules.
+
+  Example:
+    >>> b = colored_mnist.build_method(config, seed=0)
+    >>> res = common.fit_restart(b, config, 0, checkpoint_dir=ckpt)
+  """
+  import jirm  # pylint: disable=g-import-not-at-top
+  kw = dict(built.fit_kw)
+  if checkpoint_dir is not None:
+    kw.update(checkpoint_dir=checkpoint_dir,
+              checkpoint_every=config.checkpoint_every,
+              metrics_dir=metrics_dir_for(checkpoint_dir))
+  if mesh is not None:
+    kw["mesh"] = mesh
+  res = jirm.fit(built.splits, built.method, seed=seed, progress=progress,
+                 desc=desc or f"{config.method} seed {seed}", **kw)
+  if built.select is not None:
+    res.selections = built.select(res.history, res.env_names)
+  return res
 
 
 def method_list(value: str, all_methods) -> tuple:

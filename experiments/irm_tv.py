@@ -91,8 +91,9 @@ def build_method(config, seed=0) -> common.Built:
   """Config -> :class:`experiments.common.Built`: restart ``seed``'s
   synthetic environments and the :func:`jirm.irm_tv.tv_method` (cached per
   config, so restarts reuse the compiled scan run), trained by
-  :func:`jirm.fit`'s scan runner (:func:`jirm.irm_tv.fit` adds IRM-TV's
-  selections). The capability-matrix test builds every method through it.
+  :func:`jirm.fit`'s scan runner and selected by :func:`jirm.irm_tv.select`
+  (adds the worst test environment and the ``oracle_worst`` rule). The
+  capability-matrix test builds every method through it.
 
   Example:
     >>> built = build_method(configs.get_config("zin", "quick"))
@@ -106,7 +107,7 @@ def build_method(config, seed=0) -> common.Built:
       build_splits(config, seed), method, method.describe,
       dict(steps=config.steps, eval_every=config.eval_every, runner="scan"),
       dict(penalty_weight=config.penalty_weight,
-           train_cons=config.data.train_cons))
+           train_cons=config.data.train_cons), irm_tv.select)
 
 
 def run_restart(config, seed, checkpoint_dir=None):
@@ -117,9 +118,8 @@ def run_restart(config, seed, checkpoint_dir=None):
   del checkpoint_dir
   t0 = time.time()
   b = build_method(config, seed)
-  splits, method = b.splits, b.method
-  res = irm_tv.fit(splits, method, steps=config.steps,
-                   eval_every=config.eval_every, seed=seed)
+  splits = b.splits
+  res = common.fit_restart(b, config, seed)
   wall = time.time() - t0
   h = res.history
   short = lambda v: [float(f"{x:.5g}") for x in np.asarray(v, float)]

@@ -138,15 +138,10 @@ def build_method(config, seed=0, data_dir=None):
 def run_restart(config, seed, checkpoint_dir=None, data_dir=None,
                 progress=False):
   """One restart; one record per selection rule."""
-  import jirm  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   b = build_method(config, seed, data_dir)
-  res = jirm.fit(b.splits, b.method, seed=seed, progress=progress,
-                 desc=f"{config.method} seed {seed}",
-                 checkpoint_dir=checkpoint_dir,
-                 checkpoint_every=config.checkpoint_every,
-                 metrics_dir=common.metrics_dir_for(checkpoint_dir),
-                 **b.fit_kw)
+  res = common.fit_restart(b, config, seed, progress=progress,
+                           checkpoint_dir=checkpoint_dir)
   return common.records_from_fit(res, config, seed, b.describe,
                                  b.splits.info, time.time() - t0, **b.record)
 

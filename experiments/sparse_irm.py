@@ -187,11 +187,8 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
   else:
     b = build_method(config, seed, data_dir, mnist)
     splits, describe, record = b.splits, b.describe, b.record
-    res = jirm.fit(splits, b.method, seed=seed,
-                   checkpoint_dir=checkpoint_dir,
-                   checkpoint_every=config.checkpoint_every,
-                   metrics_dir=common.metrics_dir_for(checkpoint_dir),
-                   **common_kw, **b.fit_kw)
+    res = common.fit_restart(b, config, seed, checkpoint_dir=checkpoint_dir,
+                             **common_kw)
     density = (float(res.history["density"][-1])
                if config.method in ("sparse_irm", "sparse_erm") else 1.0)
   if checkpoint_dir is not None:  # Final weights (and mask) for ablations.

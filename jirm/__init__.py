@@ -22,6 +22,7 @@ from jirm import resnet
 from jirm import results
 from jirm import runtime
 from jirm import schedules
+from jirm import selection
 from jirm import sharding
 from jirm import sweep
 from jirm import train

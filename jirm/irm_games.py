@@ -36,6 +36,7 @@ import optax
 from jirm import data as data_lib
 from jirm import models
 from jirm import objectives
+from jirm import selection
 from jirm.methods import base
 
 VARIANTS = ("f", "v")
@@ -179,7 +180,6 @@ def add_game_stop(res, *, warm_start: int, threshold: float):
     ...                     warm_start=1000, threshold=0.6)
     >>> res.selections["game_stop"]["test_acc"]
   """
-  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
   history, env_names = res.history, res.env_names
   train_acc = history["train_acc_E"].mean(1)
   fired = np.flatnonzero((history["step"] >= warm_start) &
@@ -187,5 +187,5 @@ def add_game_stop(res, *, warm_start: int, threshold: float):
   stop = int(fired[0]) if len(fired) else len(train_acc) - 1
   only = {k: v[stop:stop + 1] for k, v in history.items()}
   res.selections["game_stop"] = dict(
-      train_lib.select(only, env_names)["last"], fired=bool(len(fired)))
+      selection.select(only, env_names)["last"], fired=bool(len(fired)))
   return res

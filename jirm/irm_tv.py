@@ -22,19 +22,20 @@ Soft environments are fractional ``valid`` weights of
 ``valid_KN = [rho, 1 - rho]``), so the library's own ``irm_tv_l1`` and
 ``irm_tv_l2`` terms compute both the labelled and the inferred penalties.
 
-A whole run (``steps`` updates, an evaluation every ``eval_every``) is one
-jitted ``lax.scan``; restarts of one method share the compiled program.
+With ``jirm.fit(..., runner='scan')`` a whole run (``steps`` updates, an
+evaluation every ``eval_every``) is one jitted ``lax.scan``; restarts of one
+method share the compiled program.
 
 Example:
   >>> splits = jirm.data.zin_synthetic(seed=0)
   >>> method = irm_tv.tv_method(penalty='l1', envs='inferred')  # Minimax-TV
-  >>> res = irm_tv.fit(splits, method, steps=10_000, seed=0)
-  >>> res.selections['last']['test_acc'], res.selections['last']['test_worst']
+  >>> res = jirm.fit(splits, method, steps=10_000, seed=0, runner='scan')
+  >>> sel = irm_tv.select(res.history, res.env_names)  # + worst-env rules
+  >>> sel['last']['test_acc'], sel['last']['test_worst']
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
@@ -47,6 +48,7 @@ from jax.flatten_util import ravel_pytree
 from jirm import data as data_lib
 from jirm import objectives
 from jirm import schedules
+from jirm import selection
 from jirm.methods import base as method_base
 
 _xavier = dict(kernel_init=nn.initializers.xavier_uniform(),
@@ -148,8 +150,10 @@ class TVMethod(NamedTuple):
   (the classifier's objective on environment weights ``w_KM``);
   ``weights(state, batch) -> [K, M]`` (soft) environments;
   ``predict(state, x) -> logits``; ``lam(state) -> lambda`` (the learned
-  weight, or the fixed one); ``prepare`` = :func:`pool` (the training
-  environments pooled, with the standardised auxiliary variable);
+  weight, or the fixed one); ``prepare``: :func:`pool` (the training
+  environments pooled, with the standardised auxiliary variable) after
+  checking the labels are binary and, for inferred environments, that the
+  data carry ``aux``;
   ``export(state)`` = the classifier's parameters."""
 
   init: Callable
@@ -343,33 +347,45 @@ def tv_method(*, penalty: Optional[str] = "l1", envs: str = "given",
       return lam_value(state.lam_params, state.params)
     return jnp.float32(0.0 if pen_term is None else weight)
 
+  def prepare(train: data_lib.Envs) -> Pooled:
+    if envs == "inferred" and train.aux is None:
+      raise ValueError("this method infers environments from Envs.aux, but "
+                       "the training environments have aux=None; use a "
+                       "dataset with an auxiliary variable "
+                       "(jirm.data.zin_synthetic).")
+    y = np.asarray(train.y)[np.asarray(train.valid, bool)]
+    if y.dtype.kind == "f" or (y.size and (y.min() < 0 or y.max() > 1)):
+      raise ValueError(f"IRM-TV methods are binary (one logit); the labels "
+                       f"are {y.dtype} in [{y.min()}, {y.max()}]; use a "
+                       f"binary dataset (labels 0/1).")
+    return pool(train)
+
   return TVMethod(init, update, loss_fn, weights, predict, lam,
-                  envs == "inferred", "; ".join(parts), pool,
+                  envs == "inferred", "; ".join(parts), prepare,
                   lambda state: state.params)
 
 
-@dataclasses.dataclass
-class TVResult:
-  """What :func:`fit` returns: the final state, the evaluation history
-  (``step``, ``train_acc_E``, ``test_acc_E``, ``val_acc_E``, and the
-  update's aux values), the selections (rule -> step, accuracies,
-  ``test_worst``) and the wall time including compilation."""
-
-  state: TVState
-  history: dict
-  selections: dict
-  env_names: dict
-  wall_s: float
-
-
 def select(history: dict, env_names: dict) -> dict:
-  """:func:`jirm.train.select` plus the worst test environment's accuracy
-  (``test_worst``) at each selected point and the ``oracle_worst`` rule
-  (best worst-env test accuracy over training, as OOD-TV's release records
-  it; optimistic, uses test data)."""
-  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
+  """IRM-TV's selections: :func:`jirm.selection.select` plus the worst test
+  environment's accuracy (``test_worst``) at each selected point and the
+  ``oracle_worst`` rule (best worst-env test accuracy over training, as
+  OOD-TV's release records it; optimistic, uses test data).
+
+  Args:
+    history: :attr:`jirm.train.FitResult.history`.
+    env_names: :attr:`jirm.train.FitResult.env_names`.
+
+  Returns:
+    rule -> dict(step, train_acc, test_acc, test_worst, env_acc, ...) for
+    ``last``, ``oracle``, ``oracle_worst`` (and ``train_domain_val`` when
+    the splits have validation data).
+
+  Example:
+    >>> res = jirm.fit(splits, tv_method(), steps=10_000, runner='scan')
+    >>> select(res.history, res.env_names)['last']['test_worst']
+  """
   worst = history["test_acc_E"].min(1)
-  out = train_lib.select(history, env_names)
+  out = selection.select(history, env_names)
   i = int(np.argmax(worst))
   out["oracle_worst"] = dict(
       step=int(history["step"][i]),
@@ -381,44 +397,3 @@ def select(history: dict, env_names: dict) -> dict:
   for sel in out.values():
     sel["test_worst"] = float(worst[steps.index(sel["step"])])
   return out
-
-
-def fit(splits: data_lib.EnvSplits, method: TVMethod, *, steps: int,
-        eval_every: int = 100, seed: int = 0) -> TVResult:
-  """Trains ``method`` on the pooled training environments of ``splits``:
-  :func:`jirm.fit` with ``runner='scan'`` and IRM-TV's selections.
-
-  One jitted program runs every update and evaluation; restarts (other
-  seeds, other data of the same shapes) reuse it. A NaN/Inf metric or state
-  leaf raises :class:`jirm.train.DivergenceError` naming the step.
-
-  Args:
-    splits: environments, with ``aux`` (e.g. :func:`jirm.data.zin_synthetic`)
-      when the method infers environments.
-    method: from :func:`tv_method`.
-    steps: full-batch updates, a multiple of ``eval_every``.
-    eval_every: evaluate every this many steps.
-    seed: initialisation seed.
-
-  Returns:
-    A :class:`TVResult` with the selections ``last``, ``oracle``,
-    ``oracle_worst`` (and ``train_domain_val`` if ``splits.val`` exists).
-
-  Raises:
-    ValueError: bad step counts, or inferred environments without ``aux``.
-  """
-  if steps < 1 or eval_every < 1 or steps % eval_every:
-    raise ValueError(f"steps={steps!r} must be a positive multiple of "
-                     f"eval_every={eval_every!r}.")
-  if method.needs_aux and splits.train.aux is None:
-    raise ValueError("this method infers environments from Envs.aux, but "
-                     "splits.train.aux is None; use a dataset with an "
-                     "auxiliary variable (jirm.data.zin_synthetic).")
-  if splits.task != "binary":
-    raise ValueError(f"task={splits.task!r}: the IRM-TV trainer handles "
-                     f"binary tasks (one logit).")
-  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
-  res = train_lib.fit(splits, method, steps=steps, eval_every=eval_every,
-                      seed=seed, runner="scan")
-  return TVResult(res.state, res.history, select(res.history, res.env_names),
-                  res.env_names, res.wall_s)

@@ -43,6 +43,7 @@ import optax
 
 from jirm import data as data_lib
 from jirm import objectives
+from jirm import selection
 from jirm import train as train_lib
 
 HParams = Mapping[str, Any]
@@ -279,7 +280,7 @@ def _result(method, state, rows, metrics_S, finite_SL, leaf_names,
   history = {k: np.asarray(v) for k, v in rows.items()}
   msg = None
   if bad is None:
-    selections = train_lib.select(history, env_names)
+    selections = selection.select(history, env_names)
   else:
     step, msg = bad
     keep = history["step"] <= step

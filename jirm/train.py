@@ -9,10 +9,10 @@ check on the metrics and on every floating leaf of the state. The notebook
 form ``fit(splits, model=..., objective=..., optimizer=...)`` builds
 :func:`jirm.methods.from_objective` underneath.
 
-Model selection (SPEC §6) is computed from periodic evaluations of every
-environment: ``last``, ``train_domain_val`` (best mean accuracy on held-out
-samples of the training domains) and ``oracle`` (best test accuracy; labelled
-as such).
+Model selection (SPEC §6, :mod:`jirm.selection`) is computed from periodic
+evaluations of every environment: ``last``, ``train_domain_val`` (best mean
+accuracy on held-out samples of the training domains) and ``oracle`` (best
+test accuracy; labelled as such).
 
 Example:
   >>> splits = jirm.data.colored_mnist(seed=0)
@@ -46,8 +46,8 @@ from jirm.methods.base import (EnvArrays, TrainState, epoch_batch, forward,  # p
 from jirm.methods.objective import (make_eval_fn, make_loss_fn,  # pylint: disable=unused-import
                                     make_train_step)
 
-SELECTION_RULES = ("last", "train_domain_val", "val_worst_group", "oracle",
-                   "oracle_train_gt60")
+# The model-selection rules live below the trainer (methods extend them).
+from jirm.selection import SELECTION_RULES, select  # pylint: disable=unused-import
 RUNNERS = ("host", "scan")
 
 
@@ -78,65 +78,6 @@ class FitResult:
   wall_s: float
   state: Any = None
   diverged: Optional[str] = None
-
-
-def _group_metrics(acc_TE, sizes):
-  """(average accuracy weighted by group size, worst non-empty group)."""
-  sizes = np.asarray(sizes, np.float64)
-  avg = (acc_TE * sizes).sum(1) / sizes.sum()
-  worst = np.where(sizes > 0, acc_TE, np.inf).min(1)
-  return avg, worst
-
-
-def select(history: dict, env_names: dict) -> dict:
-  """Applies the model-selection rules to a history of evaluations.
-
-  On group datasets (``env_names`` holds ``test_sizes``: one env per group,
-  :mod:`jirm.data.shift`) every selection also carries ``avg_acc``
-  (sample-weighted), ``worst_group_acc`` and ``group_acc``, ``test_acc`` is
-  the average accuracy, and ``val_worst_group`` picks the evaluation with
-  the best worst-group validation accuracy (Sagawa et al. 2020).
-  """
-  train = history["train_acc_E"].mean(1)
-  test = history["test_acc_E"].mean(1)
-  val = history["val_acc_E"].mean(1) if "val_acc_E" in history else None
-  groups = "test_sizes" in env_names
-  if groups:
-    test, test_worst = _group_metrics(history["test_acc_E"],
-                                      env_names["test_sizes"])
-    if val is not None and "val_sizes" in env_names:
-      val, val_worst = _group_metrics(history["val_acc_E"],
-                                      env_names["val_sizes"])
-  picks = {"last": len(train) - 1, "oracle": int(np.argmax(test))}
-  if groups and val is not None and "val_sizes" in env_names:
-    picks["val_worst_group"] = int(np.argmax(val_worst))
-  # SparseIRM's rule: best test accuracy among points with train acc > 0.6.
-  ok = train > 0.6
-  if ok.any():
-    picks["oracle_train_gt60"] = int(np.argmax(np.where(ok, test, -np.inf)))
-  if val is not None:
-    picks["train_domain_val"] = int(np.argmax(val))
-  out = {}
-  for rule in SELECTION_RULES:
-    if rule not in picks:
-      continue
-    i = picks[rule]
-    env_acc = {n: float(a) for n, a in zip(env_names["train"],
-                                           history["train_acc_E"][i])}
-    env_acc.update({n: float(a) for n, a in zip(env_names["test"],
-                                                history["test_acc_E"][i])})
-    sel = dict(step=int(history["step"][i]), train_acc=float(train[i]),
-               test_acc=float(test[i]), env_acc=env_acc)
-    if val is not None:
-      sel["val_acc"] = float(val[i])
-    if groups:
-      sel.update(avg_acc=float(test[i]), worst_group_acc=float(test_worst[i]),
-                 group_acc={n: float(a) for n, a in zip(
-                     env_names["test"], history["test_acc_E"][i])})
-      if "val_sizes" in env_names and val is not None:
-        sel["val_worst_group_acc"] = float(val_worst[i])
-    out[rule] = sel
-  return out
 
 
 def make_accuracy_fn(predict, task: str = "binary",

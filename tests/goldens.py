@@ -123,8 +123,9 @@ def _spy(owner, name, result_of):
     setattr(owner, name, orig)
 
 
-def summarize(res) -> dict:
-  """A FitResult -> the golden numbers (plain JSON)."""
+def summarize(res, whole_state: bool = False) -> dict:
+  """A FitResult -> the golden numbers (plain JSON): of its exported
+  parameters, or with ``whole_state`` of its whole state."""
   import jax  # pylint: disable=g-import-not-at-top
   history = {}
   for k, v in res.history.items():
@@ -132,9 +133,9 @@ def summarize(res) -> dict:
     if a.dtype.kind in "fiub":
       history[k] = a.astype(np.float64).tolist()
   leaves = {}
-  # Trainers return params (and BatchNorm statistics); IRM-TV its whole
-  # state (classifier, lambda net, inference net, optimizer moments).
-  state = res.params if hasattr(res, "params") else res.state
+  # The exported params (and BatchNorm statistics); IRM-TV's golden holds
+  # its whole state (classifier, lambda net, inference net, moments).
+  state = res.state if whole_state else res.params
   flat = jax.tree_util.tree_flatten_with_path(state)[0]
   for path, leaf in flat:
     a = np.asarray(leaf, np.float64)
@@ -178,7 +179,7 @@ def run_case(experiment: str, method: str) -> dict:
   # Every FitResult an experiment turns into records; irm_tv.run_restart
   # builds its records itself, so its fit's result.
   with _spy(common, "records_from_fit", lambda args, _: args[0]) as seen, \
-      _spy(irm_tv.irm_tv, "fit", lambda _, res: res) as tv_seen, \
+      _spy(common, "fit_restart", lambda _, res: res) as fit_seen, \
       tempfile.TemporaryDirectory() as tmp, _adam_eps(eps):
     ckpt = os.path.join(tmp, "ckpt")
     if experiment == "colored_mnist":
@@ -227,10 +228,12 @@ def run_case(experiment: str, method: str) -> dict:
       sweep.run_vmap(work, trials, mnist=_mnist(), progress=False)
     else:
       raise ValueError(f"unknown experiment {experiment!r}")
-  seen = seen + tv_seen
+  if experiment == "irm_tv":
+    seen = fit_seen
   if not seen:
     raise RuntimeError(f"{experiment}/{method}: no fit was recorded")
-  out = {"runs": [summarize(r) for r in seen]}
+  out = {"runs": [summarize(r, whole_state=experiment == "irm_tv")
+                  for r in seen]}
   if eps is not None:
     out["adam_eps"] = eps
   return out

@@ -2,6 +2,7 @@
 environments, the inference net's ascent, OOD-TV's learned lambda, and the
 experiment end to end."""
 
+import dataclasses
 import os
 
 import jax
@@ -229,10 +230,12 @@ def test_methods_recover_the_invariant_regime(small):
   for name, kw in (("erm", dict(penalty=None)),
                    ("tv_l1", dict(penalty="l1")),
                    ("minimax", dict(penalty="l1", envs="inferred"))):
-    res = irm_tv.fit(small, irm_tv.tv_method(anneal=1000, **kw), steps=3000,
-                     eval_every=500, seed=0)
-    worst[name] = res.selections["last"]["test_worst"]
-    assert set(res.selections) >= {"last", "oracle", "oracle_worst"}
+    res = jirm.fit(small, irm_tv.tv_method(anneal=1000, **kw), steps=3000,
+                   eval_every=500, seed=0, runner="scan")
+    sel = irm_tv.select(res.history, res.env_names)
+    worst[name] = sel["last"]["test_worst"]
+    assert set(sel) >= {"last", "oracle", "oracle_worst"}
+    assert worst[name] == pytest.approx(res.history["test_acc_E"][-1].min())
   assert worst["erm"] < 0.75
   assert worst["tv_l1"] > worst["erm"] + 0.1
   assert worst["minimax"] > worst["erm"] + 0.1
@@ -246,12 +249,18 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="need a penalty"):
     irm_tv.tv_method(penalty=None, envs="inferred")
   splits = jirm.data.linear_synthetic(seed=0, n_per_env=20)
-  with pytest.raises(ValueError, match="aux"):
-    irm_tv.fit(splits, irm_tv.tv_method(envs="inferred"), steps=10,
-               eval_every=5)
+  with pytest.raises(ValueError, match="aux=None"):
+    jirm.fit(splits, irm_tv.tv_method(envs="inferred"), steps=10,
+             eval_every=5, runner="scan")
   s = jirm.data.zin_synthetic(num_train=40, num_test=40)
-  with pytest.raises(ValueError, match="multiple"):
-    irm_tv.fit(s, irm_tv.tv_method(), steps=10, eval_every=3)
+  with pytest.raises(ValueError, match="eval_every=0"):
+    jirm.fit(s, irm_tv.tv_method(), steps=10, eval_every=0, runner="scan")
+  # Labels other than 0/1 (a regression or a 10-class task) are refused.
+  for y in (s.train.y.astype(np.float32) + 0.5, s.train.y * 3):
+    bad = dataclasses.replace(s, train=dataclasses.replace(s.train, y=y))
+    with pytest.raises(ValueError, match="binary"):
+      jirm.fit(bad, irm_tv.tv_method(), steps=10, eval_every=5,
+               runner="scan")
 
 
 # ---------------------------------------------------------------------------

@@ -116,11 +116,11 @@ def test_sparse_irm_selection_rule():
   history = {"step": np.array([10, 20, 30, 40]),
              "train_acc_E": np.array([[0.9], [0.55], [0.65], [0.7]]),
              "test_acc_E": np.array([[0.1], [0.9], [0.6], [0.5]])}
-  sel = jirm.train.select(history, {"train": ["a"], "test": ["t"]})
+  sel = jirm.selection.select(history, {"train": ["a"], "test": ["t"]})
   assert sel["oracle_train_gt60"]["step"] == 30
   assert sel["oracle"]["step"] == 20
   history["train_acc_E"] = np.full((4, 1), 0.5)
-  assert "oracle_train_gt60" not in jirm.train.select(
+  assert "oracle_train_gt60" not in jirm.selection.select(
       history, {"train": ["a"], "test": ["t"]})
 
 

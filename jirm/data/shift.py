@@ -4,7 +4,7 @@ txt layout) and ColoredObject built from COCO 2017 annotations as BIRM does.
 
 Every loader returns :class:`jirm.data.EnvSplits` whose *evaluation* splits
 (val, test) have one environment per group (label x spurious attribute), so
-per-env accuracy is per-group accuracy: :func:`jirm.train.select` adds
+per-env accuracy is per-group accuracy: :func:`jirm.selection.select` adds
 ``worst_group_acc``, ``avg_acc`` (sample-weighted) and ``group_acc`` to
 every selection and the ``val_worst_group`` rule. Training envs are the
 groups (``train_envs='groups'``: GroupDRO, IRM penalties) or one pooled env
