@@ -239,6 +239,9 @@ def run(methods, preset, model, envs, restarts, seed, output_dir,
 
 def main(argv):
   del argv
+  common.exit_on_bad_input(
+      common.check_preset_flags, FLAGS, FLAGS.preset,
+      {"model": "tiny"} if FLAGS.preset == "quick" else {})
   if common.start(FLAGS, write_reports):
     return
   methods = common.method_list(FLAGS.method, configs.METHODS)

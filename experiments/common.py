@@ -294,6 +294,27 @@ def method_list(value: str, all_methods) -> tuple:
   return tuple(out)
 
 
+def check_preset_flags(flag_values, preset: str, forced: dict) -> None:
+  """Refuses a flag given on the command line whose value ``preset``
+  replaces (``forced``: flag name -> the preset's value), instead of
+  recording the preset's value under the user's command.
+
+  Raises:
+    ValueError: naming the flag, its value and the two ways out.
+
+  Example:
+    >>> check_preset_flags(FLAGS, FLAGS.preset, {"model": "tiny"}
+    ...                    if FLAGS.preset == "quick" else {})
+  """
+  for name, value in forced.items():
+    given = flag_values[name]
+    if given.present and given.value != value:
+      raise ValueError(
+          f"--{name}={given.value}: --preset={preset} sets {name} to "
+          f"{value!r}; drop --{name}, or use another --preset with "
+          f"--{name}={given.value}.")
+
+
 def exit_on_bad_input(fn, *args, **kwargs):
   """Runs ``fn``; a bad flag or missing data (``ValueError``, including
   :class:`jirm.data.DataError`) prints its message in one line and exits

@@ -528,6 +528,9 @@ def _plot_curves(records, path):
 
 def main(argv):
   del argv
+  common.exit_on_bad_input(
+      common.check_preset_flags, FLAGS, FLAGS.preset,
+      {"data_num": 2000} if FLAGS.preset == "quick" else {})
   if common.start(FLAGS, write_reports):
     return
   methods = common.method_list(FLAGS.methods, configs.METHODS)

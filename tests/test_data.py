@@ -112,6 +112,11 @@ def test_linear_synthetic():
     (dict(data_num=10**6), r"data_num=1000000 must be in"),
     (dict(variant="lin", num_envs=1), r"num_envs=1: IRM needs at least 2"),
     (dict(train_es=(0.2,)), r"num_envs=1"),
+    # num_envs is the 'lin' variant's; elsewhere a different value is
+    # refused, not recorded in the config and ignored.
+    (dict(num_envs=3), r"num_envs=3: variant='irm' makes 2 training envs"),
+    (dict(variant="domainbed", val="holdout", num_envs=3),
+     r"num_envs=3: variant='domainbed' makes 2 training envs"),
     (dict(variant="foo"), r"variant='foo'"),
     (dict(variant="domainbed"), r"val='mnist_test' is not available"),
     (dict(variant="domainbed", val="holdout", test_envs=(5,)),
@@ -120,6 +125,15 @@ def test_linear_synthetic():
 def test_bad_inputs(synthetic_mnist, kwargs, match):
   with pytest.raises(data.DataError, match=match):
     data.colored_mnist(seed=0, mnist=synthetic_mnist, **kwargs)
+
+
+def test_num_envs_that_matches_the_variant_is_accepted(synthetic_mnist):
+  sp = data.colored_mnist(seed=0, mnist=synthetic_mnist, data_num=1000,
+                          num_envs=2)
+  assert sp.train.num_envs == 2
+  sp = data.colored_mnist(seed=0, mnist=synthetic_mnist, data_num=1500,
+                          train_es=(0.3, 0.2, 0.1), num_envs=3)
+  assert sp.train.spurious == (0.3, 0.2, 0.1)
 
 
 def test_linear_synthetic_bad_inputs():

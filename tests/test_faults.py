@@ -74,6 +74,24 @@ def test_bad_values_are_one_line_and_exit_2(tmp_path):
   assert not (tmp_path / "missing").exists()
 
 
+@pytest.mark.parametrize("module,args,says", [
+    ("cifar_mnist", ["--model=resnet50"], "--model=resnet50: --preset=quick "
+     "sets model to 'tiny'"),
+    ("sparse_irm", ["--data_num=20000"], "--data_num=20000: --preset=quick "
+     "sets data_num to 2000"),
+])
+def test_flag_a_preset_would_override_is_refused(tmp_path, module, args,
+                                                 says):
+  p = subprocess.run([sys.executable, "-m", f"experiments.{module}",
+                      "--preset=quick", f"--output_dir={tmp_path / 'o'}",
+                      *args], env=dict(os.environ, PYTHONPATH=ROOT),
+                     capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert p.returncode == 2, p.stderr[-2000:]
+  lines = p.stderr.strip().splitlines()
+  assert len(lines) == 1 and says in lines[0], p.stderr
+  assert not (tmp_path / "o").exists()
+
+
 def test_torn_last_line_is_dropped_and_records_kept(tmp_path, caplog):
   path = str(tmp_path / "results.jsonl")
   results.append_jsonl(path, [{"seed": 0}, {"seed": 1}])

@@ -272,7 +272,7 @@ def _build(images, digits, groups, es, names, rng, label_noise, grayscale,
 def colored_mnist(seed: int = 0, *, variant: str = "irm",
                   train_es: Optional[Sequence[float]] = None,
                   test_e: float = 0.9, data_num: int = 50_000,
-                  num_envs: int = 2, label_noise: float = 0.25,
+                  num_envs: Optional[int] = None, label_noise: float = 0.25,
                   grayscale: bool = False, val: str = "mnist_test",
                   val_fraction: float = 0.2,
                   test_envs: Sequence[int] = (2,),
@@ -305,7 +305,10 @@ def colored_mnist(seed: int = 0, *, variant: str = "irm",
       when None).
     test_e: colour-flip probability of the test env.
     data_num: number of training images (``'irm'``/``'lin'``).
-    num_envs: number of training envs (``'lin'``).
+    num_envs: number of training envs: ``'lin'`` makes this many (None:
+      2); ``'irm'`` and ``'domainbed'`` have theirs from ``train_es`` (and
+      ``test_envs``), and a ``num_envs`` that differs is refused rather
+      than recorded and ignored.
     label_noise: label flip probability (0.25).
     grayscale: drop colour (the oracle's input).
     val: ``'mnist_test'``, ``'holdout'`` or ``'none'``.
@@ -332,13 +335,21 @@ def colored_mnist(seed: int = 0, *, variant: str = "irm",
   if variant == "irm":
     train_es = tuple(train_es) if train_es is not None else (0.2, 0.1)
   elif variant == "lin":
+    num_envs = 2 if num_envs is None else num_envs
     _check_num_envs(num_envs)
     train_es = tuple(train_es) if train_es is not None else tuple(
         0.1 + 0.1 * i / (num_envs - 1) for i in range(num_envs))
   else:
     train_es = tuple(train_es) if train_es is not None else (0.1, 0.2, 0.9)
-  _check_num_envs(len(train_es) if variant != "domainbed" else
-                  len(train_es) - len(test_envs))
+  made = (len(train_es) if variant != "domainbed" else
+          len(train_es) - len(test_envs))
+  _check_num_envs(made)
+  if num_envs is not None and num_envs != made:
+    raise DataError(f"num_envs={num_envs!r}: variant={variant!r} makes "
+                    f"{made} training envs (from train_es"
+                    f"{' and test_envs' if variant == 'domainbed' else ''});"
+                    f" use variant='lin' for {num_envs} envs, or pass "
+                    f"train_es with {num_envs} values.")
   for i, e in enumerate(train_es):
     _check_prob(f"train_es[{i}]", e)
   _check_prob("test_e", test_e)
