@@ -299,6 +299,14 @@ def check_preset_flags(flag_values, preset: str, forced: dict) -> None:
   replaces (``forced``: flag name -> the preset's value), instead of
   recording the preset's value under the user's command.
 
+  Args:
+    flag_values: absl's ``FLAGS``.
+    preset: the ``--preset`` value.
+    forced: flag name -> the value the preset sets.
+
+  Returns:
+    None when no given flag conflicts.
+
   Raises:
     ValueError: naming the flag, its value and the two ways out.
 
