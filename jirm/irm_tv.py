@@ -372,8 +372,8 @@ def select(history: dict, env_names: dict) -> dict:
   OOD-TV's release records it; optimistic, uses test data).
 
   Args:
-    history: :attr:`jirm.train.FitResult.history`.
-    env_names: :attr:`jirm.train.FitResult.env_names`.
+    history: the ``history`` of a :class:`jirm.train.FitResult`.
+    env_names: its ``env_names``.
 
   Returns:
     rule -> dict(step, train_acc, test_acc, test_worst, env_acc, ...) for
