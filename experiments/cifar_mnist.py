@@ -239,9 +239,10 @@ def run(methods, preset, model, envs, restarts, seed, output_dir,
 
 def main(argv):
   del argv
-  common.exit_on_bad_input(
-      common.check_preset_flags, FLAGS, FLAGS.preset,
-      {"model": "tiny"} if FLAGS.preset == "quick" else {})
+  c = common.exit_on_bad_input(configs.get_config, "erm", FLAGS.preset,
+                               FLAGS.model, int(FLAGS.envs))
+  common.exit_on_bad_input(common.check_preset_flags, FLAGS, FLAGS.preset,
+                           {"model": c.model})
   if common.start(FLAGS, write_reports):
     return
   methods = common.method_list(FLAGS.method, configs.METHODS)

@@ -294,15 +294,16 @@ def method_list(value: str, all_methods) -> tuple:
   return tuple(out)
 
 
-def check_preset_flags(flag_values, preset: str, forced: dict) -> None:
+def check_preset_flags(flag_values, preset: str, resolved: dict) -> None:
   """Refuses a flag given on the command line whose value ``preset``
-  replaces (``forced``: flag name -> the preset's value), instead of
-  recording the preset's value under the user's command.
+  replaces, instead of recording the preset's value under the user's
+  command.
 
   Args:
     flag_values: absl's ``FLAGS``.
     preset: the ``--preset`` value.
-    forced: flag name -> the value the preset sets.
+    resolved: flag name -> the value that flag ended with in the config
+      the preset built from the flags.
 
   Returns:
     None when no given flag conflicts.
@@ -311,10 +312,10 @@ def check_preset_flags(flag_values, preset: str, forced: dict) -> None:
     ValueError: naming the flag, its value and the two ways out.
 
   Example:
-    >>> check_preset_flags(FLAGS, FLAGS.preset, {"model": "tiny"}
-    ...                    if FLAGS.preset == "quick" else {})
+    >>> c = configs.get_config("erm", FLAGS.preset, FLAGS.model)
+    >>> check_preset_flags(FLAGS, FLAGS.preset, {"model": c.model})
   """
-  for name, value in forced.items():
+  for name, value in resolved.items():
     given = flag_values[name]
     if given.present and given.value != value:
       raise ValueError(

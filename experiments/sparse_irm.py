@@ -528,9 +528,11 @@ def _plot_curves(records, path):
 
 def main(argv):
   del argv
-  common.exit_on_bad_input(
-      common.check_preset_flags, FLAGS, FLAGS.preset,
-      {"data_num": 2000} if FLAGS.preset == "quick" else {})
+  c = common.exit_on_bad_input(configs.get_config, "erm", FLAGS.preset,
+                               FLAGS.penalty, FLAGS.dataset,
+                               data_num=FLAGS.data_num)
+  common.exit_on_bad_input(common.check_preset_flags, FLAGS, FLAGS.preset,
+                           {"data_num": c.data.data_num})
   if common.start(FLAGS, write_reports):
     return
   methods = common.method_list(FLAGS.methods, configs.METHODS)

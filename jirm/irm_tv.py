@@ -162,7 +162,6 @@ class TVMethod(NamedTuple):
   weights: Callable
   predict: Callable
   lam: Callable
-  needs_aux: bool
   describe: str
   prepare: Callable
   export: Callable
@@ -361,7 +360,7 @@ def tv_method(*, penalty: Optional[str] = "l1", envs: str = "given",
     return pool(train)
 
   return TVMethod(init, update, loss_fn, weights, predict, lam,
-                  envs == "inferred", "; ".join(parts), prepare,
+                  "; ".join(parts), prepare,
                   lambda state: state.params)
 
 

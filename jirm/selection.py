@@ -59,7 +59,6 @@ def select(history: dict, env_names: dict) -> dict:
 
   Returns:
     rule -> dict(step, train_acc, test_acc, env_acc, val_acc if any).
-
   """
   train = history["train_acc_E"].mean(1)
   test = history["test_acc_E"].mean(1)

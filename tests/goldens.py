@@ -177,7 +177,7 @@ def run_case(experiment: str, method: str) -> dict:
   eps = ADAM_EPS.get((experiment, method))
   shrink = [f"steps={STEPS}", f"eval_every={EVAL_EVERY}"]
   # Every FitResult an experiment turns into records; irm_tv.run_restart
-  # builds its records itself, so its fit's result.
+  # builds its records itself, so the result of its fit_restart.
   with _spy(common, "records_from_fit", lambda args, _: args[0]) as seen, \
       _spy(common, "fit_restart", lambda _, res: res) as fit_seen, \
       tempfile.TemporaryDirectory() as tmp, _adam_eps(eps):
