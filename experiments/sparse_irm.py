@@ -119,31 +119,36 @@ def score_optimizer(config):
 
 
 def build_method(config, seed=0, data_dir=None, mnist=None):
-  """Config -> :class:`experiments.common.Built` for the dense baselines
-  (ERM, oracle, IRMv1: :func:`jirm.methods.from_objective`) and the masked
-  methods (SparseIRM, SparseERM: :func:`jirm.sparse.sparse_method`), which
-  :func:`run_restart` trains with :func:`jirm.fit`. The capability-matrix
-  test builds them through it.
-
-  Raises:
-    ValueError: for ``mrm``, a pipeline of three fits (dense, mask,
-      retrain: :func:`jirm.sparse.fit_mrm`), not one method.
+  """Config -> :class:`experiments.common.Built`: the dense baselines (ERM,
+  oracle, IRMv1: :func:`jirm.methods.from_objective`), the masked methods
+  (SparseIRM, SparseERM: :func:`jirm.sparse.sparse_method`) and MRM
+  (:func:`jirm.sparse.mrm_method`: dense, mask and retrain phases, trained
+  for their summed steps), which :func:`run_restart` trains with
+  :func:`jirm.fit`. The capability-matrix test builds them through it.
 
   Example:
     >>> built = build_method(configs.get_config("sparse_irm", "quick"))
     >>> res = jirm.fit(built.splits, built.method, seed=0, **built.fit_kw)
   """
-  if config.method == "mrm":
-    raise ValueError("mrm is three fits (dense, mask, retrain; "
-                     "jirm.sparse.fit_mrm), not one method: build_method "
-                     "builds erm, oracle, irmv1, sparse_irm, sparse_erm.")
   splits = build_data(config, seed, data_dir, mnist)
   out = 10 if splits.task == "multiclass" else 1
   model = jirm.models.mlp(config.hidden_dim, config.depth, out=out)
   objective = build_objective(config)
   batch = config.batch_size or None
-  jirm.train.check_batch_size(batch, splits.train)
-  if config.method in ("sparse_irm", "sparse_erm"):
+  steps = config.steps
+  if config.method == "mrm":
+    if batch is not None:
+      raise ValueError(f"batch_size={config.batch_size}: MRM trains on the "
+                       f"full batch; use --set=batch_size=0 (or the cmnist "
+                       f"dataset).")
+    m = config.mrm
+    method = sparse.mrm_method(
+        model, objective, dense_steps=m.dense_steps, mask_steps=m.mask_steps,
+        sparsity=m.sparsity, lr=config.lr, mask_lr=config.score_lr,
+        task=splits.task)
+    steps = m.dense_steps + m.mask_steps + m.retrain_steps
+  elif config.method in ("sparse_irm", "sparse_erm"):
+    jirm.train.check_batch_size(batch, splits.train)
     steps_per_epoch = (1 if batch is None else
                        max(min(splits.train.sizes) // batch, 1))
     method = sparse.sparse_method(
@@ -153,11 +158,12 @@ def build_method(config, seed=0, data_dir=None, mnist=None):
         budget_end=config.budget_end, batch_size=batch,
         steps_per_epoch=steps_per_epoch)
   else:
+    jirm.train.check_batch_size(batch, splits.train)
     method = jirm.methods.from_objective(model, objective,
                                          optax.adam(config.lr),
                                          task=splits.task, batch_size=batch)
   return common.Built(splits, method, objective.describe(),
-                      dict(steps=config.steps, eval_every=config.eval_every),
+                      dict(steps=steps, eval_every=config.eval_every),
                       _record_fields(config))
 
 
@@ -171,26 +177,12 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
   t0 = time.time()
   desc = f"{config.method} h{config.hidden_dim} seed {seed}"
   common_kw = dict(progress=progress, desc=desc)
-  if config.method == "mrm":
-    splits = build_data(config, seed, data_dir, mnist)
-    out = 10 if splits.task == "multiclass" else 1
-    model = jirm.models.mlp(config.hidden_dim, config.depth, out=out)
-    objective = build_objective(config)
-    m = config.mrm
-    res = sparse.fit_mrm(
-        splits, model=model, objective=objective, dense_steps=m.dense_steps,
-        mask_steps=m.mask_steps, retrain_steps=m.retrain_steps,
-        sparsity=m.sparsity, seed=seed, lr=config.lr,
-        mask_lr=config.score_lr, eval_every=config.eval_every, **common_kw)
-    density = float(res.history["mrm_density"][-1])
-    describe, record = objective.describe(), _record_fields(config)
-  else:
-    b = build_method(config, seed, data_dir, mnist)
-    splits, describe, record = b.splits, b.describe, b.record
-    res = common.fit_restart(b, config, seed, checkpoint_dir=checkpoint_dir,
-                             **common_kw)
-    density = (float(res.history["density"][-1])
-               if config.method in ("sparse_irm", "sparse_erm") else 1.0)
+  b = build_method(config, seed, data_dir, mnist)
+  res = common.fit_restart(b, config, seed, checkpoint_dir=checkpoint_dir,
+                           **common_kw)
+  density = (float(res.history["density"][-1])
+             if config.method in ("sparse_irm", "sparse_erm", "mrm") else 1.0)
+  splits, describe, record = b.splits, b.describe, b.record
   if checkpoint_dir is not None:  # Final weights (and mask) for ablations.
     _save_params(checkpoint_dir, res.params)
   return common.records_from_fit(

@@ -1,4 +1,4 @@
-"""SparseIRM / SparseERM and MRM trainers over :mod:`jirm.masks`.
+"""SparseIRM / SparseERM and MRM methods over :mod:`jirm.masks`.
 
 SparseIRM (Zhou et al., "Sparse Invariant Risk Minimization", ICML 2022)
 trains the weights and the keep-probability scores of a global mask
@@ -20,17 +20,16 @@ Example:
 
 from __future__ import annotations
 
-import time
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jirm import data as data_lib
 from jirm import masks
 from jirm import objectives
 from jirm.methods import base
+from jirm.methods import objective as objective_lib
 
 
 class SparseState(NamedTuple):
@@ -202,61 +201,138 @@ def sparse_method(model, objective: objectives.Objective, *, steps: int,
       "params": state.params, "scores": state.scores})
 
 
-def fit_mrm(splits: data_lib.EnvSplits, *, model,
-            objective: objectives.Objective, dense_steps: int,
-            mask_steps: int, retrain_steps: int, sparsity: float = 1.0,
-            seed: int = 0, lr: float = 6e-4, mask_lr: float = 6e-3,
-            pattern: str = masks.DEFAULT_PATTERN, eval_every: int = 10,
-            progress: bool = False, desc: str = ""):
-  """MRM: dense training, mask learning, retraining the subnetwork.
+class MRMState(NamedTuple):
+  """The state of :func:`mrm_method`: one sub-state per phase.
 
-  Phase 1 trains the dense network with ``objective`` (ERM for MRM, or
-  with a penalty for MRM+IRMv1 / MRM+REx). Phase 2 freezes those weights
-  and learns keep probabilities with the relaxed-Bernoulli mask and a
-  sparsity term ``sparsity * mean(s)`` (no budget). Phase 3 keeps the
-  weights with ``s > 0.5`` and retrains them with ``objective`` from the
-  original initialisation; its history is the result.
+  Attributes:
+    step: updates taken in all phases.
+    dense: phase 1 (dense training), a :class:`jirm.methods.TrainState`.
+    masked: phase 2 (mask learning on the frozen phase-1 weights), a
+      :class:`SparseState`.
+    retrain: phase 3 (the subnetwork ``scores > 0.5`` retrained from the
+      original initialisation), a :class:`jirm.methods.TrainState`.
+  """
+
+  step: jax.Array
+  dense: base.TrainState
+  masked: SparseState
+  retrain: base.TrainState
+
+  @property
+  def params(self):
+    """The retrained weights (phase 3)."""
+    return self.retrain.params
+
+
+def mrm_method(model, objective: objectives.Objective, *, dense_steps: int,
+               mask_steps: int, sparsity: float = 1.0, lr: float = 6e-4,
+               mask_lr: float = 6e-3, task: str = "binary",
+               pattern: str = masks.DEFAULT_PATTERN) -> base.Method:
+  """MRM (Zhang et al., "Can Subnetwork Structure be the Key to
+  Out-of-Distribution Generalization?", ICML 2021) as one
+  :class:`jirm.methods.Method` of three phases.
+
+  Phase 1 (updates ``[0, dense_steps)``) trains the dense network with
+  ``objective`` (ERM for MRM, or with a penalty for MRM+IRMv1 / MRM+REx)
+  and Adam(``lr``). Phase 2 (the next ``mask_steps``) freezes those weights
+  and learns keep probabilities ``s`` with the relaxed-Bernoulli mask and
+  the sparsity term ``sparsity * mean(s)`` (Adam(``mask_lr``), no budget).
+  Phase 3 (every update after) keeps the weights with ``s > 0.5`` and
+  retrains them with ``objective`` and Adam(``lr``) from the original
+  initialisation (the phase-1 init). Each phase starts its own step count
+  (the objective's schedule restarts), and each phase's state starts as a
+  separate fit with the same seed would start it. Train with
+  ``jirm.fit(splits, method, steps=dense_steps + mask_steps +
+  retrain_steps)``: the trainer evaluates phase 3 only (``eval_from =
+  dense_steps + mask_steps``).
+
+  Args:
+    model: a Flax module (``init``, ``apply``), e.g. :func:`jirm.models.mlp`.
+    objective: the objective of phases 1 and 3 (phase 2 adds the sparsity
+      term to it).
+    dense_steps, mask_steps: lengths of phases 1 and 2 (>= 1).
+    sparsity: weight of ``mean(s)`` in phase 2.
+    lr: Adam learning rate of phases 1 and 3.
+    mask_lr: Adam learning rate of the scores in phase 2.
+    task: loss / accuracy type (``splits.task``).
+    pattern: which parameters get masks (:func:`jirm.masks.select`).
 
   Returns:
-    A :class:`jirm.train.FitResult` of phase 3 with ``params =
-    {'params', 'mask'}``; ``history['mrm_density']`` is the kept fraction.
+    A method over an :class:`MRMState`; ``export`` gives ``{'params':
+    retrained weights, 'mask': the 0/1 mask}``; the metrics are the
+    objective's terms, ``train_acc``, ``mrm_phase`` (0, 1, 2) and
+    ``density`` (1 in phase 1, the scores' mean in phase 2, the kept
+    fraction in phase 3).
+
+  Example:
+    >>> method = mrm_method(jirm.models.mlp(390), jirm.erm + 1e-3 * jirm.l2,
+    ...                     dense_steps=1501, mask_steps=500, sparsity=0.5)
+    >>> res = jirm.fit(splits, method, steps=1501 + 500 + 1501)
+    >>> res.history['density'][-1]   # the kept fraction
   """
-  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
-  t0 = time.time()
-  init = model.init(jax.random.split(jax.random.key(seed))[0],
-                    jnp.asarray(splits.train.x[0, :1]))
-  dense = train_lib.fit(splits, model=model, objective=objective,
-                        optimizer=optax.adam(lr), steps=dense_steps,
-                        seed=seed, eval_every=dense_steps, progress=progress,
-                        desc=desc + " dense")
-  masked = train_lib.fit(splits, sparse_method(
-      model, objective, steps=mask_steps, keep_target=1.0, task=splits.task,
+  for name, value in (("dense_steps", dense_steps),
+                      ("mask_steps", mask_steps)):
+    if int(value) != value or value < 1:
+      raise ValueError(f"{name}={value!r} must be a whole number >= 1.")
+  dense_steps, mask_steps = int(dense_steps), int(mask_steps)
+  dense = objective_lib.from_objective(model, objective, optax.adam(lr),
+                                       task=task)
+  masked = sparse_method(
+      model, objective, steps=mask_steps, keep_target=1.0, task=task,
       weight_opt=optax.set_to_zero(), score_opt=optax.adam(mask_lr),
-      pattern=pattern, score_start=0.0, sparsity=sparsity,
-      init_params=dense.params), steps=mask_steps, seed=seed,
-                          eval_every=mask_steps, progress=progress,
-                          desc=desc + " mask")
-  hard = masks.hard(masked.params["scores"])
-  sub = _Masked(model, hard)
-  res = train_lib.fit(splits, model=sub, objective=objective,
-                      optimizer=optax.adam(lr), steps=retrain_steps,
-                      seed=seed, eval_every=eval_every, progress=progress,
-                      desc=desc + " retrain", init_params=init)
-  res.history["mrm_density"] = jnp.full(len(res.history["step"]),
-                                        float(masks.density(hard)))
-  res.params = {"params": res.params, "mask": hard}
-  res.wall_s = time.time() - t0
-  return res
+      pattern=pattern, score_start=0.0, sparsity=sparsity)
+  adam = optax.adam(lr)
 
+  def retrain_update(state: base.TrainState, mask, data):
+    apply = lambda p, x: model.apply(masks.apply(p, mask), x)
+    return objective_lib.make_train_step(apply, objective, adam,
+                                         task=task)(state, data)
 
-class _Masked:
-  """A model whose masked weights are multiplied by a fixed mask."""
+  def init(rng, data: base.EnvArrays) -> MRMState:
+    d = dense.init(rng, data)
+    m = masked.init(rng, data)
+    # Phase 3 starts from the original initialisation with a fresh Adam.
+    r = base.TrainState(d.step, d.params, adam.init(d.params), d.rng)
+    return MRMState(jnp.zeros((), jnp.int32), d, m._replace(params=d.params),
+                    r)
 
-  def __init__(self, model, mask):
-    self.model, self.mask = model, mask
+  def extras(metrics, phase, density):
+    out = {k: v for k, v in metrics.items()
+           if k not in ("inverse_temp", "keep_ratio", "density")}
+    out["mrm_phase"] = jnp.asarray(phase, jnp.int32)
+    out["density"] = jnp.asarray(density, jnp.float32)
+    return out
 
-  def init(self, rng, x):
-    return self.model.init(rng, x)
+  def phase1(state, data):
+    d, metrics = dense.update(state.dense, data)
+    # Phase 2 masks the current dense weights.
+    return (state._replace(dense=d, masked=state.masked._replace(
+        params=d.params)), extras(metrics, 0, 1.0))
 
-  def apply(self, params, x):
-    return self.model.apply(masks.apply(params, self.mask), x)
+  def phase2(state, data):
+    m, metrics = masked.update(state.masked, data)
+    return state._replace(masked=m), extras(metrics, 1,
+                                            masks.density(m.scores))
+
+  def phase3(state, data):
+    mask = masks.hard(state.masked.scores)
+    r, metrics = retrain_update(state.retrain, mask, data)
+    return state._replace(retrain=r), extras(metrics, 2, masks.density(mask))
+
+  def update(state: MRMState, data: base.EnvArrays):
+    phase = ((state.step >= dense_steps).astype(jnp.int32) +
+             (state.step >= dense_steps + mask_steps).astype(jnp.int32))
+    new, metrics = jax.lax.switch(phase, (phase1, phase2, phase3), state,
+                                  data)
+    return new._replace(step=state.step + 1), metrics
+
+  def predict(state: MRMState, x_NX):
+    mask = masks.hard(state.masked.scores)
+    return model.apply(masks.apply(state.retrain.params, mask), x_NX)
+
+  def export(state: MRMState):
+    return {"params": state.retrain.params,
+            "mask": masks.hard(state.masked.scores)}
+
+  return base.Method(init, update, predict, export=export,
+                     eval_from=dense_steps + mask_steps)

@@ -201,6 +201,7 @@ def fit_sweep(splits, method_fn: Optional[Callable[[HParams], Any]] = None,
                         for k in names}
   # A concrete instance: the host-side prepare and the state's structure.
   probe = method_fn({k: v[0] for k, v in hp_of(todo[:1]).items()})
+  train_lib.check_eval_from(steps, probe)
   prepare = probe.prepare
   own_train = prepare != train_lib.EnvArrays.from_envs
   if mesh is not None and own_train:

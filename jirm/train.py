@@ -137,6 +137,23 @@ def check_steps(steps: int, eval_every: int) -> None:
       raise ValueError(f"{arg}={value!r}: use a whole number >= 1.")
 
 
+def check_eval_from(steps: int, method) -> None:
+  """Raises ValueError unless ``steps`` exceeds ``method.eval_from`` (the
+  updates before its first evaluation, e.g. MRM's dense and mask phases)."""
+  eval_from = getattr(method, "eval_from", 0)
+  if steps <= eval_from:
+    raise ValueError(
+        f"steps={steps} must exceed the method's eval_from={eval_from} (the "
+        f"updates before its first evaluation); pass steps > {eval_from}.")
+
+
+def is_eval_point(n: int, steps: int, eval_every: int,
+                  eval_from: int = 0) -> bool:
+  """Whether the trainer evaluates after update ``n`` (1-based): at
+  ``eval_from + k * eval_every`` (k >= 1) and after the last update."""
+  return n > eval_from and ((n - eval_from) % eval_every == 0 or n == steps)
+
+
 def check_batch_size(batch_size: Optional[int], envs: data_lib.Envs) -> None:
   """Raises ValueError unless ``batch_size`` is None or fits every env."""
   if batch_size is None:
@@ -187,8 +204,9 @@ def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
       with orbax every ``checkpoint_every`` steps (at evaluation points) and a
       later call with the same directory resumes from the latest checkpoint;
       the resumed run equals an uninterrupted one.
-    checkpoint_every: steps between checkpoints (rounded up to an evaluation
-      point).
+    checkpoint_every: steps between checkpoints (rounded up to the next
+      evaluation point; before a method's ``eval_from``, to the next multiple
+      of ``eval_every`` or ``eval_from``).
     mesh: a ``jax.sharding.Mesh`` from :func:`jirm.sharding.make_mesh`: the
       sample axis of every environment is split over its ``data`` axis, the
       state replicated; the result equals the single-device run up to float
@@ -226,6 +244,7 @@ def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
     if given:
       raise ValueError(f"{', '.join(given)}: these build a method; pass "
                        f"them to the method's factory, not with method=.")
+  check_eval_from(steps, method)
   if mesh is not None and batch_size is not None:
     raise ValueError("mesh= shards the full batch; minibatch sampling "
                      "(batch_size) is single-device only.")
@@ -276,7 +295,8 @@ def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
                               progress=progress, desc=desc,
                               checkpoint_dir=checkpoint_dir,
                               checkpoint_every=checkpoint_every,
-                              metrics_dir=metrics_dir)
+                              metrics_dir=metrics_dir,
+                              eval_from=method.eval_from)
   return FitResult(method.export(state), history, select(history, env_names),
                    env_names, time.time() - t0, state)
 
@@ -335,10 +355,11 @@ def scan_run(method, key, train, evals: dict, *, steps: int,
              chunk: Optional[int] = None):
   """A whole run of ``method`` as nested ``lax.scan`` s: a pure function.
 
-  ``steps // eval_every`` chunks of ``eval_every`` updates, each followed by
-  an evaluation of every array in ``evals``, then the remaining
-  ``steps % eval_every`` updates and a last evaluation: the evaluation
-  points of :func:`fit`. :func:`fit` with ``runner='scan'`` jits it;
+  ``method.eval_from`` updates without evaluation, then
+  ``(steps - eval_from) // eval_every`` chunks of ``eval_every`` updates,
+  each followed by an evaluation of every array in ``evals``, then the
+  remaining updates and a last evaluation: the evaluation points of
+  :func:`fit` (:func:`is_eval_point`). :func:`fit` with ``runner='scan'`` jits it;
   :func:`jirm.sweep.fit_sweep` vmaps it over trials.
 
   Args:
@@ -363,6 +384,7 @@ def scan_run(method, key, train, evals: dict, *, steps: int,
     >>> state, rows, metrics_S, finite_SL = run(jax.random.key(0))
   """
   check_steps(steps, eval_every)
+  check_eval_from(steps, method)
   acc_fn = make_accuracy_fn(method.predict, task, chunk)
   update = _checked(method.update)
 
@@ -378,9 +400,13 @@ def scan_run(method, key, train, evals: dict, *, steps: int,
       row[f"{name}_acc_E"] = acc_fn(state, arrays)
     return state, (row, metrics, ok)
 
-  n_full, rem = divmod(steps, eval_every)
+  eval_from = method.eval_from
+  n_full, rem = divmod(steps - eval_from, eval_every)
   state = method.init(key, train)
   parts = []
+  warm = None
+  if eval_from:
+    state, warm = jax.lax.scan(one, state, None, length=eval_from)
   if n_full:
     state, (rows, metrics, ok) = jax.lax.scan(
         lambda s, _: advance(s, eval_every), state, None, length=n_full)
@@ -390,6 +416,9 @@ def scan_run(method, key, train, evals: dict, *, steps: int,
     state, (row, metrics, ok) = advance(state, rem)
     parts.append((jax.tree.map(lambda v: v[None], row), metrics, ok))
   rows, metrics, ok = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+  if warm is not None:
+    metrics, ok = jax.tree.map(lambda *a: jnp.concatenate(a), warm,
+                               (metrics, ok))
   return state, rows, metrics, ok
 
 
@@ -467,7 +496,8 @@ class DivergenceError(FloatingPointError):
 def run_loop(state, step_fn, evaluate, *, steps: int, eval_every: int,
              progress: bool = False, desc: str = "",
              checkpoint_dir: Optional[str] = None,
-             checkpoint_every: int = 100, metrics_dir: Optional[str] = None):
+             checkpoint_every: int = 100, metrics_dir: Optional[str] = None,
+             eval_from: int = 0):
   """The host loop of :func:`fit`: step, evaluate, checkpoint.
 
   Every step's aux values (objective terms, weights, total) and the
@@ -487,6 +517,10 @@ def run_loop(state, step_fn, evaluate, *, steps: int, eval_every: int,
       :func:`fit`.
     metrics_dir: if set, every step's aux scalars and every evaluation row
       are written there as TensorBoard event files.
+    eval_from: evaluate at ``eval_from + k * eval_every`` and after the last
+      step (:func:`is_eval_point`); before ``eval_from`` the loop still
+      checks (and checkpoints) every ``eval_every`` steps and at
+      ``eval_from``, without a history row.
 
   Returns:
     ``(state, history)``, history = dict of arrays stacked over rows.
@@ -505,29 +539,36 @@ def run_loop(state, step_fn, evaluate, *, steps: int, eval_every: int,
     it = tqdm.tqdm(it, desc=desc, leave=False, mininterval=2.0,
                    initial=int(state.step), total=steps)
   last_saved = int(state.step)
-  good = last_saved if rows else None  # The last checkpoint written, if any.
+  # The last checkpoint written, if any (a fresh state starts at step 0).
+  good = last_saved if ckpt is not None and last_saved > 0 else None
   pending = []
   try:
     names = leaf_names(state)
     for i in it:
       state, aux, ok = step_fn(state)
       pending.append((aux, ok))
-      if (i + 1) % eval_every == 0 or i + 1 == steps:
+      n = i + 1
+      evaluating = is_eval_point(n, steps, eval_every, eval_from)
+      if evaluating or (n <= eval_from and (n % eval_every == 0 or
+                                            n == eval_from)):
         fetched = jax.device_get(pending)
-        first = i + 1 - len(fetched)
+        first = n - len(fetched)
         for k, (aux_k, ok_k) in enumerate(fetched):
           _check_finite(aux_k, first + k, good, checkpoint_dir)
           _check_state(ok_k, names, first + k, good, checkpoint_dir)
         fetched = [a for a, _ in fetched]
-        row = evaluate(state, aux)
-        rows.append(jax.tree.map(lambda v: np.asarray(jax.device_get(v)), row))
+        row = None
+        if evaluating:
+          row = jax.tree.map(lambda v: np.asarray(jax.device_get(v)),
+                             evaluate(state, aux))
+          rows.append(row)
         if writer is not None:
-          writer.write(first, fetched, rows[-1])
+          writer.write(first, fetched, row)
         pending = []
-        if ckpt is not None and (i + 1 - last_saved >= checkpoint_every or
-                                 i + 1 == steps):
+        if ckpt is not None and (n - last_saved >= checkpoint_every or
+                                 n == steps):
           ckpt.save(state, rows)
-          last_saved = good = i + 1
+          last_saved = good = n
   finally:
     if ckpt is not None:
       ckpt.close()
@@ -588,11 +629,13 @@ class _MetricWriter:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._w = SummaryWriter(os.path.abspath(directory))
 
-  def write(self, first_step: int, auxes: list, row: dict) -> None:
+  def write(self, first_step: int, auxes: list, row: Optional[dict]) -> None:
     for k, aux in enumerate(auxes):
       for name, v in aux.items():
         if np.size(v) == 1:
           self._w.add_scalar(name, float(np.asarray(v)), first_step + k)
+    if row is None:
+      return
     step = int(row["step"])
     for name, v in row.items():
       if name.endswith("_acc_E"):

@@ -39,16 +39,10 @@ STEPS = 3
 WEIGHT = 100.0
 
 
-# Registered names that are not one Method (the README's matrix says so).
-NO_METHOD = {"mrm": "three fits (dense, mask, retrain: jirm.sparse.fit_mrm)"}
-
-
 def _cases():
   seen, out = set(), []
   for exp, kind in MODEL.items():
     for name in registry.names(exp, extra=True):
-      if name in NO_METHOD:
-        continue
       if (name, kind) not in seen:  # Shift adds GroupDRO and IPG+GroupDRO.
         seen.add((name, kind))
         out.append((exp, name))
@@ -89,6 +83,8 @@ def _config(exp, name, weight):
     c = cfgs.get_config(name, "quick", hidden_dim=16)
     c.update(dict(anneal=0, penalty_weight=weight, steps=STEPS,
                   eval_every=STEPS))
+    # MRM: one update per phase (dense, mask, retrain).
+    c.mrm.update(dict(dense_steps=1, mask_steps=1, retrain_steps=1))
   else:
     from experiments.configs import irm_tv as cfgs  # pylint: disable=g-import-not-at-top
     c = cfgs.get_config(name, "quick")
@@ -273,7 +269,7 @@ def test_fit_sweep_of_two_seeds_equals_two_fits_with_one_compile(
 
 def test_the_matrix_covers_every_registered_method():
   covered = {n for _, n in CASES}
-  assert covered | set(NO_METHOD) == set(registry.REGISTRY)
+  assert covered == set(registry.REGISTRY)
   assert len(CASES) == len(set(CASES))
 
 
@@ -286,7 +282,7 @@ ELSEWHERE = {
         ("invrat_ec_h", "resnet")},  # tests/test_sharding.py
     "checkpoint resume = uninterrupted": {
         ("irmv1", "mlp"),  # SIGKILL mid-run: tests/test_resume.py
-        ("sparse_irm", "mlp")},  # tests/test_masks.py
+        ("sparse_irm", "mlp"), ("mrm", "mlp")},  # tests/test_masks.py
 }
 
 
@@ -298,31 +294,28 @@ def matrix_markdown() -> str:
   lines = ["| method | model | " + " | ".join(cols) + " |",
            "|---" * (len(cols) + 2) + "|"]
   rows = [(name, MODEL[exp], (exp, name)) for exp, name in CASES]
-  rows += [(n, registry.get(n).models[0], None) for n in NO_METHOD]
   for name, model, case in rows:
     spec = registry.get(name)
-    if case is None:
-      cells = [f"– (not one method: {NO_METHOD[name]}; its golden trains "
-               "it)", "–", "–", "–"]
+    cells = ["**no**: " + KNOWN[case] if case in KNOWN else "yes",
+             "yes" if spec.penalized else "– (no penalty weight)"]
+    if case in STATELESS:
+      cells.append("yes")
+    elif name == "bayesian_irm":
+      cells.append("– (its ERM term is the last draw's)")
+    elif not spec.penalized:
+      cells.append("–")
+    elif spec.family == "invrat":
+      cells.append("– (own head rule and inner game)")
+    elif name == "mrm":
+      cells.append("– (masked phases: weight 0 is MRM on ERM)")
+    elif spec.family == "sparse":
+      cells.append("– (masked weights: ERM is SparseERM)")
+    elif spec.penalized:
+      cells.append("not yet (inferred envs / learned weight)")
     else:
-      cells = ["**no**: " + KNOWN[case] if case in KNOWN else "yes",
-               "yes" if spec.penalized else "– (no penalty weight)"]
-      if case in STATELESS:
-        cells.append("yes")
-      elif name == "bayesian_irm":
-        cells.append("– (its ERM term is the last draw's)")
-      elif not spec.penalized:
-        cells.append("–")
-      elif spec.family == "invrat":
-        cells.append("– (own head rule and inner game)")
-      elif spec.family == "sparse":
-        cells.append("– (masked weights: ERM is SparseERM)")
-      elif spec.penalized:
-        cells.append("not yet (inferred envs / learned weight)")
-      else:
-        cells.append("–")
-      cells.append("yes" if case in SWEPT else
-                   "not yet (vmapped ResNet rounding under Adam eps 1e-8)")
+      cells.append("–")
+    cells.append("yes" if case in SWEPT else
+                 "not yet (vmapped ResNet rounding under Adam eps 1e-8)")
     cells += ["yes" if (name, model) in pairs else "not yet"
               for pairs in ELSEWHERE.values()]
     lines.append(f"| {spec.title} (`{name}`) | {model} | " +

@@ -201,16 +201,50 @@ def test_sparse_fit_runs_and_irm_gradient_reaches_scores(synthetic_mnist):
 def test_mrm_runs_and_retrains_a_subnetwork(synthetic_mnist):
   splits, objective = _step_setup(synthetic_mnist, "mrm")
   model, _ = _mlp_params(16)
-  res = sparse.fit_mrm(splits, model=model, objective=objective,
-                       dense_steps=10, mask_steps=30, retrain_steps=10,
-                       sparsity=5.0, mask_lr=5e-2, eval_every=5)
-  kept = res.history["mrm_density"][-1]
+  method = sparse.mrm_method(model, objective, dense_steps=10,
+                             mask_steps=30, sparsity=5.0, mask_lr=5e-2,
+                             task=splits.task)
+  res = jirm.fit(splits, method, steps=50, eval_every=5)
+  # Only phase 3 (the retraining) is evaluated.
+  assert list(res.history["step"]) == [45, 50]
+  assert set(res.history["mrm_phase"].tolist()) == {2}
+  kept = res.history["density"][-1]
   assert 0.0 < kept < 1.0
+  # The mask is the phase-2 scores > 0.5; phase 1's weights stayed frozen
+  # in phase 2 (set_to_zero), and phase 3 restarted from the initialisation:
+  # its weights differ from the dense ones.
+  st = res.state
+  flat_s = jirm.masks._flat(st.masked.params)  # pylint: disable=protected-access
+  flat_d = jirm.masks._flat(st.dense.params)  # pylint: disable=protected-access
+  for p in flat_d:
+    np.testing.assert_array_equal(flat_s[p], flat_d[p])
+  assert int(st.dense.step) == 10 and int(st.masked.step) == 30
+  assert int(st.retrain.step) == 10
   # The retrained subnetwork's effective weights are zero where masked.
   masked = masks.apply(res.params["params"], res.params["mask"])
   flat = jirm.masks._flat(masked)  # pylint: disable=protected-access
   for p, m in res.params["mask"].items():
     assert float(jnp.abs(flat[p] * (1 - m)).max()) == 0.0
+  with pytest.raises(ValueError, match="mask_steps=0 must be"):
+    sparse.mrm_method(model, objective, dense_steps=10, mask_steps=0)
+
+
+def test_mrm_resumes_mid_mask_phase(tmp_path, synthetic_mnist):
+  import os, shutil  # pylint: disable=g-import-not-at-top,multiple-imports
+  splits, objective = _step_setup(synthetic_mnist, "mrm")
+  method = sparse.mrm_method(models.mlp(16), objective, dense_steps=10,
+                             mask_steps=30, sparsity=5.0, mask_lr=5e-2,
+                             task=splits.task)
+  fit = lambda **kw: jirm.fit(splits, method, steps=50, eval_every=5, **kw)
+  full = fit()
+  ckpt = str(tmp_path / "ckpt")
+  fit(checkpoint_dir=ckpt, checkpoint_every=25)
+  assert sorted(os.listdir(ckpt)) == ["25", "50"]
+  shutil.rmtree(os.path.join(ckpt, "50"))  # As if killed in phase 2.
+  resumed = fit(checkpoint_dir=ckpt, checkpoint_every=25)
+  for k in full.history:
+    np.testing.assert_array_equal(resumed.history[k], full.history[k])
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
 
 
 @pytest.mark.parametrize("method", ["sparse_irm", "mrm"])

@@ -69,6 +69,10 @@ class Method(NamedTuple):
       environments (default :meth:`EnvArrays.from_envs`).
     export: ``state -> what FitResult.params holds`` (default
       ``state.params``).
+    eval_from: the trainer evaluates only after this many updates, at
+      ``eval_from + k * eval_every`` and after the last update (a method
+      whose first phases produce no result, e.g. MRM's dense and mask
+      phases: :func:`jirm.sparse.mrm_method`); default 0.
 
   Example:
     >>> method = Method(init, update, predict)
@@ -80,6 +84,7 @@ class Method(NamedTuple):
   predict: Callable
   prepare: Callable = EnvArrays.from_envs
   export: Callable = _state_params
+  eval_from: int = 0
 
 
 class TrainState(NamedTuple):
