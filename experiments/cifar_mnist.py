@@ -172,8 +172,14 @@ def run_restart(config, seed, checkpoint_dir=None, data_dir=None,
   b = build_method(config, seed, data_dir, sources)
   res = common.fit_restart(b, config, seed, progress=progress,
                            checkpoint_dir=checkpoint_dir)
-  return common.records_from_fit(res, config, seed, b.describe,
-                                 b.splits.info, time.time() - t0, **b.record)
+  return records_of(res, config, seed, b, b.splits.info, time.time() - t0)
+
+
+def records_of(res, config, seed, built, info, wall, **extra):
+  """A trained restart's records, one per selection rule (``run_restart``
+  and the sweep's vmap backend)."""
+  return common.records_from_fit(res, config, seed, built.describe, info,
+                                 wall, **built.record, **extra)
 
 
 def write_reports(output_dir):

@@ -173,14 +173,21 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
   b = build_method(config, seed, data_dir, mnist)
   res = common.fit_restart(b, config, seed, progress=progress,
                            checkpoint_dir=checkpoint_dir, mesh=mesh)
+  extra = {} if mesh is None else {"devices": int(mesh.size)}
+  return records_of(res, config, seed, b, b.splits.info, time.time() - t0,
+                    **extra)
+
+
+def records_of(res, config, seed, built, info, wall, **extra):
+  """A trained restart's records (one per selection rule; the game methods
+  add their stop rule first). ``run_restart`` and the sweep's vmap backend
+  both write these."""
   if config.method in GAME_METHODS:
     from jirm import irm_games  # pylint: disable=g-import-not-at-top
     irm_games.add_game_stop(res, warm_start=config.game.warm_start,
                             threshold=config.game.threshold)
-  extra = {} if mesh is None else {"devices": int(mesh.size)}
-  records = common.records_from_fit(res, config, seed, b.describe,
-                                    b.splits.info, time.time() - t0,
-                                    **b.record, **extra)
+  records = common.records_from_fit(res, config, seed, built.describe, info,
+                                    wall, **built.record, **extra)
   if config.method == "ipg":
     h = res.history
     for r in records:

@@ -118,9 +118,14 @@ def run_restart(config, seed, checkpoint_dir=None):
   del checkpoint_dir
   t0 = time.time()
   b = build_method(config, seed)
-  splits = b.splits
   res = common.fit_restart(b, config, seed)
-  wall = time.time() - t0
+  return records_of(res, config, seed, b, b.splits.info, time.time() - t0)
+
+
+def records_of(res, config, seed, built, info, wall, **extra):
+  """A trained restart's records, one per selection rule, with its curve
+  (penalty, weight, lambda) on ``last`` (``run_restart`` and the sweep's
+  vmap backend)."""
   h = res.history
   short = lambda v: [float(f"{x:.5g}") for x in np.asarray(v, float)]
   curve = dict(step=h["step"].tolist(),
@@ -133,9 +138,9 @@ def run_restart(config, seed, checkpoint_dir=None):
   records = []
   for rule, sel in res.selections.items():
     rec = dict(method=config.method, preset=config.preset, seed=seed,
-               selection=rule, **b.record, objective=b.describe,
-               data=splits.info, config=config.to_dict(), wall_s=wall,
-               train_wall_s=res.wall_s, **sel)
+               selection=rule, **built.record, objective=built.describe,
+               data=info, config=config.to_dict(), wall_s=wall,
+               train_wall_s=res.wall_s, **extra, **sel)
     if rule == "last" and not config.sweep:  # Sweeps: final numbers only.
       rec["curve"] = curve
     records.append(rec)

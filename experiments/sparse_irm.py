@@ -180,14 +180,19 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
   b = build_method(config, seed, data_dir, mnist)
   res = common.fit_restart(b, config, seed, checkpoint_dir=checkpoint_dir,
                            **common_kw)
-  density = (float(res.history["density"][-1])
-             if config.method in ("sparse_irm", "sparse_erm", "mrm") else 1.0)
-  splits, describe, record = b.splits, b.describe, b.record
   if checkpoint_dir is not None:  # Final weights (and mask) for ablations.
     _save_params(checkpoint_dir, res.params)
-  return common.records_from_fit(
-      res, config, seed, describe, splits.info, time.time() - t0,
-      **record, density=density)
+  return records_of(res, config, seed, b, b.splits.info, time.time() - t0)
+
+
+def records_of(res, config, seed, built, info, wall, **extra):
+  """A trained restart's records, one per selection rule, with the final
+  density (``run_restart`` and the sweep's vmap backend)."""
+  density = (float(res.history["density"][-1])
+             if config.method in ("sparse_irm", "sparse_erm", "mrm") else 1.0)
+  return common.records_from_fit(res, config, seed, built.describe, info,
+                                 wall, **built.record, density=density,
+                                 **extra)
 
 
 def _params_path(checkpoint_dir):

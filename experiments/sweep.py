@@ -22,8 +22,10 @@ unfinished ones. ``summary.md`` / ``summary.csv`` tabulate test accuracy per
 hyperparameter point and selection rule (``last``, ``train_domain_val``,
 ``oracle``), and the point each rule selects.
 
-Backends: ``vmap`` (ColoredMNIST, registry methods: all trials of one
-structure in one program, :func:`jirm.sweep.fit_sweep`), ``local`` (one
+Backends: ``vmap`` (:func:`jirm.sweep.fit_sweep`: ColoredMNIST's
+stateless methods with all trials of one structure in one program, the
+traceable hyperparameters traced; every other method of every experiment
+with the restarts of each hyperparameter point in one program), ``local`` (one
 trial after another), ``ray`` (local instance with ``--workers`` CPUs, or
 ``--ray_address``), ``slurm``.
 """
@@ -171,53 +173,163 @@ def run_trial(work_dir, trial, mnist=None):
 
 def run_vmap(work_dir, trials, trials_per_call=None, mnist=None,
              progress=True):
-  """ColoredMNIST: every group of trials sharing structural settings
-  (method, anneal, width, steps) in one :func:`jirm.sweep.fit_sweep`."""
+  """Runs the pending trials as vmapped programs (:func:`jirm.sweep.
+  fit_sweep`), writing each trial's records as soon as its chunk is done.
+
+  ColoredMNIST's stateless registry methods: every group of trials sharing
+  the structural settings (method, anneal, width, steps) in one program,
+  the traceable hyperparameters (:data:`hparams_registry.TRACEABLE`)
+  traced. Every other method of every experiment (ColoredMNIST's games,
+  IPG, BayesianIRM; CIFAR-MNIST, SparseIRM / MRM, IRM-TV): the restarts of
+  each hyperparameter point in one program (:func:`_vmap_seeds`).
+  """
   import jirm  # pylint: disable=g-import-not-at-top
-  from experiments import colored_mnist  # pylint: disable=g-import-not-at-top
-  groups = {}
+  traced, per_point = {}, {}
   for t in launch.pending(work_dir, trials):
-    if t["experiment"] != "colored_mnist":
-      raise ValueError("--backend=vmap runs ColoredMNIST sweeps; use "
-                       "--backend=local|ray|slurm for other experiments.")
-    if t["method"] not in jirm.methods.METHODS:
-      raise ValueError(f"--backend=vmap needs a registry method, not "
-                       f"{t['method']!r}; use --backend=local|ray|slurm.")
-    structural = {k: v for k, v in t["hparams"].items()
-                  if k not in hparams_registry.TRACEABLE}
-    key = json.dumps([t["method"], t["preset"], t["overrides"], structural],
-                     sort_keys=True)
-    groups.setdefault(key, []).append(t)
-  for group in groups.values():
-    t0 = time.time()
-    config = _config_of(group[0])
-    data_dir = group[0].get("data_dir")
-    splits_fn = lambda s: colored_mnist.build_run(config, data_dir, s,
-                                                  mnist)[0]
-    objective_fn = functools.partial(colored_mnist.build_objective, config)
+    if t["experiment"] == "colored_mnist" and (
+        t["method"] in jirm.methods.METHODS):
+      structural = {k: v for k, v in t["hparams"].items()
+                    if k not in hparams_registry.TRACEABLE}
+      key = json.dumps([t["method"], t["preset"], t["overrides"],
+                        structural], sort_keys=True)
+      traced.setdefault(key, []).append(t)
+    else:
+      key = json.dumps([t["experiment"], t["method"], t["preset"],
+                        t["overrides"], t["hparams"], t.get("data_dir")],
+                       sort_keys=True)
+      per_point.setdefault(key, []).append(t)
+  for group in traced.values():
+    _vmap_traced(work_dir, group, trials_per_call, mnist, progress)
+  for group in per_point.values():
+    _vmap_seeds(work_dir, group, trials_per_call, mnist, progress)
 
-    configs_ = [_config_of(t) for t in group]
-    hps = {k: [float(c[k]) for c in configs_]
-           for k in hparams_registry.TRACEABLE}
-    info = splits_fn(group[0]["seed"]).info  # Same recipe; only the seed
-    # differs per trial. Each trial's records are written as soon as its
-    # chunk has finished.
 
-    def persist(i, res, group=group, configs_=configs_, t0=t0, info=info):
-      t, c = group[i], configs_[i]
-      if res.diverged is not None:
-        records = [common.diverged_record(c, t["seed"], res.diverged,
-                                          backend="vmap")]
-      else:
-        obj = objective_fn({k: c[k] for k in hparams_registry.TRACEABLE})
-        records = common.records_from_fit(
-            res, c, t["seed"], obj.describe(), dict(info, seed=t["seed"]),
-            (time.time() - t0) / (i + 1), backend="vmap")
-      launch.write_result(work_dir, t, _tag(records, t))
+def _vmap_traced(work_dir, group, trials_per_call, mnist, progress):
+  """One ColoredMNIST group: traceable hyperparameters and seeds vmapped."""
+  from experiments import colored_mnist  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  config = _config_of(group[0])
+  data_dir = group[0].get("data_dir")
+  splits_fn = lambda s: colored_mnist.build_run(config, data_dir, s,
+                                                mnist)[0]
+  objective_fn = functools.partial(colored_mnist.build_objective, config)
 
-    _fit_trials(splits_fn, config, objective_fn, hps,
-                [t["seed"] for t in group], trials_per_call, progress,
-                persist)
+  configs_ = [_config_of(t) for t in group]
+  hps = {k: [float(c[k]) for c in configs_]
+         for k in hparams_registry.TRACEABLE}
+  info = splits_fn(group[0]["seed"]).info  # Same recipe; only the seed
+  # differs per trial.
+
+  def persist(i, res):
+    t, c = group[i], configs_[i]
+    if res.diverged is not None:
+      records = [common.diverged_record(c, t["seed"], res.diverged,
+                                        backend="vmap")]
+    else:
+      obj = objective_fn({k: c[k] for k in hparams_registry.TRACEABLE})
+      records = common.records_from_fit(
+          res, c, t["seed"], obj.describe(), dict(info, seed=t["seed"]),
+          (time.time() - t0) / (i + 1), backend="vmap")
+    launch.write_result(work_dir, t, _tag(records, t))
+
+  _fit_trials(splits_fn, config, objective_fn, hps,
+              [t["seed"] for t in group], trials_per_call, progress,
+              persist)
+
+
+def _fingerprint(method, envs):
+  """``method``'s init and update as traced programs with their closed-over
+  constants: equal fingerprints mean the same computation on any data."""
+  import jax  # pylint: disable=g-import-not-at-top
+  data = method.prepare(envs)
+  key = jax.random.key(0)
+  state = jax.eval_shape(method.init, key, data)
+  out = []
+  for closed in (jax.make_jaxpr(method.init)(key, data),
+                 jax.make_jaxpr(method.update)(state, data)):
+    consts = [np.asarray(jax.random.key_data(c) if train_lib.is_key(c) else c)
+              for c in closed.consts]
+    out.append((str(closed.jaxpr), consts))
+  return out
+
+
+def _same(a, b):
+  return all(ja == jb and len(ca) == len(cb) and all(
+      x.shape == y.shape and np.array_equal(x, y) for x, y in zip(ca, cb))
+             for (ja, ca), (jb, cb) in zip(a, b))
+
+
+# The trainer arguments of an experiment's Built.fit_kw that fit_sweep
+# takes (the runner is always the scan runner under the vmap).
+_SWEEP_FIT_KW = ("steps", "eval_every", "eval_chunk", "eval_train_max")
+
+
+def _vmap_seeds(work_dir, group, trials_per_call, mnist, progress):
+  """The restarts of one hyperparameter point of any experiment in one
+  vmapped program: each restart's data and method from the experiment's
+  ``build_method(config, seed)`` (the method must not depend on the seed,
+  which reaches it through ``init``'s key and the data: checked on the
+  traced programs and their constants, :func:`_fingerprint`), records from
+  its ``records_of``."""
+  from jirm import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  mod = _module(group[0]["experiment"])
+  config = _config_of(group[0])
+  params = inspect.signature(mod.build_method).parameters
+  kw = {}
+  if "data_dir" in params and group[0].get("data_dir"):
+    kw["data_dir"] = group[0]["data_dir"]
+  if mnist is not None and "mnist" in params:
+    kw["mnist"] = mnist
+  built = {}
+
+  def built_of(seed):
+    if seed not in built:
+      built[seed] = mod.build_method(config, seed, **kw)
+    return built[seed]
+
+  seeds = [t["seed"] for t in group]
+  first = built_of(seeds[0])
+  bad = sorted(set(first.fit_kw) - set(_SWEEP_FIT_KW) - {"runner"})
+  if bad:
+    raise ValueError(f"--backend=vmap: {group[0]['experiment']} trains "
+                     f"with {bad}, which jirm.sweep.fit_sweep does not take;"
+                     f" use --backend=local.")
+  sweep_kw = {k: v for k, v in first.fit_kw.items() if k in _SWEEP_FIT_KW}
+  reference = _fingerprint(first.method, first.splits.train)
+  info = {}
+
+  def splits_of(seed):
+    b = built_of(seed)
+    if seed != seeds[0] and not _same(_fingerprint(b.method, b.splits.train),
+                                      reference):
+      raise ValueError(
+          f"--backend=vmap: {group[0]['method']}'s method depends on the "
+          f"seed (restart {seed}'s program or its constants, e.g. IPG's "
+          f"pairs, differ from restart {seeds[0]}'s), so its restarts cannot "
+          f"share one program; use --backend=local.")
+    info[seed] = b.splits.info
+    return b.splits
+
+  if len(seeds) > 1:  # Before any training: the second restart's program.
+    splits_of(seeds[1])
+  def persist(i, res):
+    t = group[i]
+    b = built[t["seed"]]
+    if res.diverged is not None:
+      records = [common.diverged_record(config, t["seed"], res.diverged,
+                                        backend="vmap")]
+    else:
+      if b.select is not None:
+        res.selections = b.select(res.history, res.env_names)
+      records = mod.records_of(res, config, t["seed"], b, info[t["seed"]],
+                               (time.time() - t0) / (i + 1), backend="vmap")
+    built[t["seed"]] = b._replace(splits=None)  # Its data is done with.
+    launch.write_result(work_dir, t, _tag(records, t))
+
+  sweep_lib.fit_sweep(splits_of, lambda hp: first.method, seeds=seeds,
+                      trials_per_call=trials_per_call or None,
+                      progress=progress, on_result=persist, **sweep_kw)
 
 
 def _fit_trials(splits_fn, config, objective_fn, hps, seeds, trials_per_call,

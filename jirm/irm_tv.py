@@ -154,7 +154,8 @@ class TVMethod(NamedTuple):
   environments pooled, with the standardised auxiliary variable) after
   checking the labels are binary and, for inferred environments, that the
   data carry ``aux``;
-  ``export(state)`` = the classifier's parameters."""
+  ``export(state)`` = the classifier's parameters; ``eval_from`` = 0 (every
+  evaluation point is a result)."""
 
   init: Callable
   update: Callable
@@ -165,6 +166,7 @@ class TVMethod(NamedTuple):
   describe: str
   prepare: Callable
   export: Callable
+  eval_from: int = 0
 
 
 def _normalised_ascent(params, grads, lr, k):

@@ -99,6 +99,7 @@ def fit_sweep(splits, method_fn: Optional[Callable[[HParams], Any]] = None,
               *, hparams: Optional[Mapping[str, Sequence[float]]] = None,
               seeds=(0,), pair: bool = False, steps: int,
               eval_every: int = 10, eval_chunk: Optional[int] = None,
+              eval_train_max: Optional[int] = None,
               trials_per_call: Optional[int] = None, mesh=None,
               progress: bool = False,
               on_result: Optional[Callable[[int, Any], None]] = None,
@@ -133,7 +134,8 @@ def fit_sweep(splits, method_fn: Optional[Callable[[HParams], Any]] = None,
       point with no swept hyperparameters.
     seeds: restarts per point; trial order is :func:`trials`.
     pair: trial ``i`` = (point ``i``, ``seeds[i]``) instead of the product.
-    steps, eval_every, eval_chunk: as in :func:`jirm.train.fit`.
+    steps, eval_every, eval_chunk, eval_train_max: as in
+      :func:`jirm.train.fit`.
     trials_per_call: vmap at most this many trials at once (memory bound);
       the trials are run in equal chunks of the same compiled program (the
       last chunk padded by repeating a trial). None = all at once.
@@ -208,18 +210,24 @@ def fit_sweep(splits, method_fn: Optional[Callable[[HParams], Any]] = None,
     raise ValueError("mesh= shards EnvArrays; this method prepares its own "
                      "training data.")
 
+  # The training data doubles as the train evaluation unless the method
+  # prepares its own or only a subset is evaluated.
+  separate = own_train or eval_train_max is not None
+
   def arrays(sp):
-    ev = {"train": train_lib.EnvArrays.from_envs(sp.train),
+    ev = {"train": train_lib.EnvArrays.from_envs(
+              train_lib.subset(sp.train, eval_train_max)),
           "test": train_lib.EnvArrays.from_envs(sp.test)}
     if sp.val is not None:
       ev["val"] = train_lib.EnvArrays.from_envs(sp.val)
-    return (prepare(sp.train) if own_train else None), ev
+    return (prepare(sp.train) if separate else None), ev
 
   def place(data, stacked):
     if mesh is None:
       return data
     shard = lambda a: sharding.shard_env_arrays(a, mesh, stacked=stacked)
-    return data[0], {k: shard(v) for k, v in data[1].items()}
+    train = None if data[0] is None else shard(data[0])
+    return train, {k: shard(v) for k, v in data[1].items()}
 
   def sweep_run(hp, seed, data):
     train, ev = data

@@ -119,7 +119,13 @@ def make_accuracy_fn(predict, task: str = "binary",
   return acc_fn
 
 
-def _subset(envs: data_lib.Envs, max_per_env: Optional[int]):
+def subset(envs: data_lib.Envs, max_per_env: Optional[int]):
+  """The first ``max_per_env`` samples of every environment (None: all), as
+  ``eval_train_max`` evaluates the training environments.
+
+  Example:
+    >>> subset(splits.train, 1000).x.shape[1] <= 1000
+  """
   if max_per_env is None or envs.x.shape[1] <= max_per_env:
     return envs
   return data_lib.Envs(envs.x[:, :max_per_env], envs.y[:, :max_per_env],
@@ -258,7 +264,7 @@ def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
           f"for checkpoints, a mesh or TensorBoard.")
   t0 = time.time()
   train = method.prepare(splits.train)
-  evals = {"train": EnvArrays.from_envs(_subset(splits.train,
+  evals = {"train": EnvArrays.from_envs(subset(splits.train,
                                                 eval_train_max)),
            "test": EnvArrays.from_envs(splits.test)}
   if splits.val is not None:
@@ -296,7 +302,7 @@ def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
                               checkpoint_dir=checkpoint_dir,
                               checkpoint_every=checkpoint_every,
                               metrics_dir=metrics_dir,
-                              eval_from=method.eval_from)
+                              eval_from=getattr(method, "eval_from", 0))
   return FitResult(method.export(state), history, select(history, env_names),
                    env_names, time.time() - t0, state)
 
@@ -400,7 +406,7 @@ def scan_run(method, key, train, evals: dict, *, steps: int,
       row[f"{name}_acc_E"] = acc_fn(state, arrays)
     return state, (row, metrics, ok)
 
-  eval_from = method.eval_from
+  eval_from = getattr(method, "eval_from", 0)
   n_full, rem = divmod(steps - eval_from, eval_every)
   state = method.init(key, train)
   parts = []

@@ -71,6 +71,65 @@ def test_vmap_sweep_table_equals_separate_runs(tmp_path, synthetic_mnist):
                     for t in trials}
 
 
+# Small configs of the other sweep experiments (the quick presets, fewer
+# steps and samples); the local backend trains each restart with its
+# run_restart, the vmap backend both restarts of a point in one program.
+_OTHER = {
+    "sparse_irm": ("mrm", ["hidden_dim=16", "mrm.dense_steps=4",
+                           "mrm.mask_steps=4", "mrm.retrain_steps=6",
+                           "eval_every=2"]),
+    "irm_tv": ("zin", ["steps=12", "eval_every=4"]),
+    "cifar_mnist": ("vrex", ["epochs=1", "data.train_num=200",
+                             "data.test_num=200", "anneal_epochs=0"]),
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(_OTHER))
+def test_vmap_backend_runs_every_experiment_and_equals_local(
+    experiment, tmp_path, synthetic_mnist, monkeypatch):
+  method, overrides = _OTHER[experiment]
+  if experiment == "cifar_mnist":  # Synthetic CIFAR-MNIST sources.
+    from experiments import cifar_mnist  # pylint: disable=g-import-not-at-top
+    sources = jirm.data.synthetic_cifar_mnist_sources(300)
+    orig = cifar_mnist.build_method
+    monkeypatch.setattr(
+        cifar_mnist, "build_method",
+        lambda c, s=0, data_dir=None, _=None: orig(c, s, sources=sources))
+  trials = sweep_exp.make_trials(experiment, [method], "quick", "grid",
+                                 ["penalty_weight=10"], restarts=2,
+                                 overrides=overrides)
+  a, b = tmp_path / "vmap", tmp_path / "local"
+  sweep_exp.launch_sweep(trials, str(a), "vmap", mnist=synthetic_mnist,
+                         progress=False)
+  sweep_exp.launch_sweep(trials, str(b), "local", mnist=synthetic_mnist,
+                         progress=False)
+  ra, rb = launch.read_results(str(a)), launch.read_results(str(b))
+  assert {r.get("backend") for r in ra} == {"vmap"}
+  rules = {r["selection"] for r in rb}
+  assert {r["selection"] for r in ra} == rules and len(rules) >= 3
+  for rule in rules:  # (oracle_train_gt60 exists where train acc > 60%.)
+    va, vb = _by_trial(ra, rule), _by_trial(rb, rule)
+    assert sorted(va) == sorted(vb) and va
+    for k in va:  # Within one example of rounding between the programs.
+      assert va[k]["test_acc"] == pytest.approx(vb[k]["test_acc"], abs=0.011)
+  assert sorted(_by_trial(ra)) == sorted(t["id"] for t in trials)
+  assert {r["seed"] for r in ra} == {0, 1}
+
+
+def test_vmap_backend_refuses_a_method_that_depends_on_the_seed(
+    tmp_path, synthetic_mnist):
+  # IPG's pairs are drawn per restart inside the method: two restarts
+  # cannot share one program.
+  trials = sweep_exp.make_trials("colored_mnist", ["ipg"], "quick", "grid",
+                                 ["penalty_weight=10"], restarts=2,
+                                 overrides=["steps=4", "eval_every=2"])
+  with pytest.raises(ValueError, match=r"ipg's method depends on the seed "
+                     r".* use --backend=local"):
+    sweep_exp.launch_sweep(trials, str(tmp_path), "vmap",
+                           mnist=synthetic_mnist, progress=False)
+  assert not launch.read_results(str(tmp_path))
+
+
 def test_registry_defaults_and_seeded_random_points():
   c = cm_configs.get_config("irmv1", "paper")
   assert hparams_registry.random_hparams(c, 0) == dict(
