@@ -64,6 +64,11 @@ def define_flags():
                             "Table 2 (InvRat-EB).")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
   flags.DEFINE_bool("report_only", False, "Only rewrite summary.md/curves.png.")
+  flags.DEFINE_bool("data_parallel", False, "Split every minibatch over every "
+                    "device (jax.sharding mesh; equals the one-device run "
+                    "up to float rounding).")
+  flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() "
+                    "first (multi-host TPU pods / GPU clusters).")
 
 
 def build_run(config, seed=0, data_dir=None, sources=None):
@@ -167,12 +172,16 @@ def build_method(config, seed=0, data_dir=None, sources=None):
 
 
 def run_restart(config, seed, checkpoint_dir=None, data_dir=None,
-                progress=False, sources=None):
+                progress=False, sources=None, mesh=None):
+  """Trains one restart (on ``mesh``'s devices, data parallel, if given);
+  returns one record per selection rule."""
   t0 = time.time()
   b = build_method(config, seed, data_dir, sources)
   res = common.fit_restart(b, config, seed, progress=progress,
-                           checkpoint_dir=checkpoint_dir)
-  return records_of(res, config, seed, b, b.splits.info, time.time() - t0)
+                           checkpoint_dir=checkpoint_dir, mesh=mesh)
+  extra = {} if mesh is None else {"devices": int(mesh.size)}
+  return records_of(res, config, seed, b, b.splits.info, time.time() - t0,
+                    **extra)
 
 
 def records_of(res, config, seed, built, info, wall, **extra):
@@ -227,8 +236,10 @@ def expand_grid(config, grid):
 
 
 def run(methods, preset, model, envs, restarts, seed, output_dir,
-        data_dir=None, overrides=(), grid=(), progress=True, sources=None):
-  """Runs every (method, grid point, seed) not yet in ``results.jsonl``."""
+        data_dir=None, overrides=(), grid=(), progress=True, sources=None,
+        mesh=None):
+  """Runs every (method, grid point, seed) not yet in ``results.jsonl``
+  (data parallel over ``mesh``'s devices if given)."""
   cfgs = []
   for m in methods:
     c = common.apply_overrides(configs.get_config(m, preset, model, envs),
@@ -237,7 +248,7 @@ def run(methods, preset, model, envs, restarts, seed, output_dir,
 
   common.run_restarts(cfgs, restarts, seed, output_dir,
                       lambda c, s, ckpt: run_restart(c, s, ckpt, data_dir,
-                                                     progress, sources),
+                                                     progress, sources, mesh),
                       write_reports,
                       key_fields=("method", "preset", "model", "data.envs",
                                   "note"))
@@ -252,10 +263,13 @@ def main(argv):
   if common.start(FLAGS, write_reports):
     return
   methods = common.method_list(FLAGS.method, configs.METHODS)
+  if FLAGS.distributed:
+    jirm.sharding.initialize_distributed()
+  mesh = jirm.sharding.make_mesh() if FLAGS.data_parallel else None
   common.exit_on_bad_input(
       run, methods, FLAGS.preset, FLAGS.model, int(FLAGS.envs),
       FLAGS.restarts, FLAGS.seed, FLAGS.output_dir, FLAGS.data_dir,
-      FLAGS.set, FLAGS.grid, FLAGS.progress)
+      FLAGS.set, FLAGS.grid, FLAGS.progress, mesh=mesh)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,24 @@ def main():
   out["deep_state"] = maxdiff(keep(d1.state), keep(d8.state))
   out["deep_history"] = maxdiff(d1.history, d8.history)
 
+  # experiments.cifar_mnist --data_parallel: the experiment's restart on
+  # the 8-device mesh (IRMv1(o), tiny ResNet) against one device.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+  from experiments import cifar_mnist as cm_exp  # pylint: disable=g-import-not-at-top
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  from experiments.configs import cifar_mnist as cm_cfgs  # pylint: disable=g-import-not-at-top
+  c = common.apply_overrides(cm_cfgs.get_config("irmv1", "quick", "tiny", 2),
+                             ["epochs=1", "data.train_num=200",
+                              "data.test_num=40", "anneal_epochs=0"])
+  src = jirm.data.synthetic_cifar_mnist_sources(num_per_class=300, seed=0)
+  r1 = cm_exp.run_restart(c, 0, sources=src)
+  r8 = cm_exp.run_restart(c, 0, sources=src, mesh=mesh)
+  out["cifar_devices"] = sorted({r.get("devices", 1) for r in r8})
+  last = lambda rs: next(r for r in rs if r["selection"] == "last")
+  out["cifar_record"] = max(
+      abs(last(r1)[k] - last(r8)[k]) for k in ("train_acc", "test_acc"))
+  out["cifar_step"] = [last(r1)["step"], last(r8)["step"]]
+
   # A sweep split 2 ways over trials and 4 ways over the batch.
   def objective_fn(hp):
     s = jirm.schedules.preset("irm", weight=hp["penalty_weight"], anneal=5)
