@@ -209,3 +209,59 @@ def test_colored_mnist_refuses_images_and_labels_of_different_lengths(
                      rf"{len(tr_img)} / {len(tr_dig) - 1}"):
     jirm.data.colored_mnist(0, data_num=100,
                             mnist=((tr_img, tr_dig[:-1]), test))
+
+
+def _real_mnist_dir():
+  from conftest import SHARED_TFDS  # pylint: disable=g-import-not-at-top
+  for d in (os.environ.get("TFDS_DATA_DIR"), SHARED_TFDS):
+    if d and os.path.isdir(os.path.join(d, "mnist")):
+      return d
+  return None
+
+
+@pytest.mark.skipif(_real_mnist_dir() is None, reason="no prepared mnist")
+def test_corrupt_cache_is_rebuilt_and_corrupt_records_name_the_file(
+    tmp_path, monkeypatch):
+  import glob as glob_lib  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jirm import data  # pylint: disable=g-import-not-at-top
+  # A copy of the prepared MNIST test split (10,000 images).
+  src = glob_lib.glob(os.path.join(_real_mnist_dir(), "mnist", "*"))[0]
+  root = tmp_path / "tfds"
+  dst = root / "mnist" / os.path.basename(src)
+  dst.mkdir(parents=True)
+  for f in os.listdir(src):
+    if "train" not in f:
+      shutil.copy(os.path.join(src, f), dst / f)
+  monkeypatch.setenv("JIRM_CACHE_DIR", str(tmp_path / "cache"))
+  images, labels = data.load_tfds("mnist", "test", str(root))
+  cached, = glob_lib.glob(str(tmp_path / "cache" / "*.npz"))
+  # A garbled cache (half of it): a warning naming it, rebuilt, same arrays.
+  size = os.path.getsize(cached)
+  with open(cached, "r+b") as f:
+    f.truncate(size // 2)
+  with pytest.warns(UserWarning, match=r"decoded-data cache .*\.npz is "
+                    r"corrupt .*rebuilding"):
+    again = data.load_tfds("mnist", "test", str(root))
+  np.testing.assert_array_equal(again[0], images)
+  np.testing.assert_array_equal(again[1], labels)
+  assert os.path.getsize(cached) == size
+  # A cache whose arrays were changed: the checksum catches it.
+  with np.load(cached) as z:
+    parts = dict(z)
+  parts["labels"] = (parts["labels"] + 1) % 10
+  np.savez(cached.replace(".npz", ""), **parts)
+  with pytest.warns(UserWarning, match="checksum does not match"):
+    np.testing.assert_array_equal(data.load_tfds("mnist", "test",
+                                                 str(root))[1], labels)
+  # A garbled record file: one DataError naming it and the fix.
+  record, = glob_lib.glob(str(dst / "mnist-test.array_record*"))
+  os.chmod(record, 0o644)
+  with open(record, "r+b") as f:
+    f.seek(1000)
+    f.write(b"\x00garbage" * 4096)
+  with pytest.raises(data.DataError, match=(
+      r"cannot be read .*mnist-test\.array_record.*python -m "
+      r"jirm\.data\.prepare --dataset=mnist")):
+    data.load_tfds("mnist", "test", str(root), cache=False)

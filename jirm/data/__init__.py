@@ -17,11 +17,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
 import os
 import tempfile
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -145,8 +147,9 @@ def load_tfds(name: str, split: str, data_dir: Optional[str] = None,
 
   Reads array_record files with ``tfds.data_source(download=False)`` (no
   TensorFlow) in batched reads, and caches the decoded arrays under
-  ``$JIRM_CACHE_DIR`` (default ``~/.cache/jirm``), keyed by the record file's
-  path, size and mtime.
+  ``$JIRM_CACHE_DIR`` (default ``~/.cache/jirm``), keyed by every record
+  file's path, size and mtime and verified on read (SHA-256 of the arrays:
+  a truncated or garbled cache is rebuilt with a warning).
 
   Args:
     name: tfds name, e.g. ``'mnist'`` or ``'cifar10'``.
@@ -158,7 +161,8 @@ def load_tfds(name: str, split: str, data_dir: Optional[str] = None,
     ``(images uint8 [N, H, W, C], labels int32 [N])`` in tfds' stored order.
 
   Raises:
-    DataError: the prepared dataset is not under ``data_dir``.
+    DataError: the prepared dataset is not under ``data_dir``, or its
+      record files cannot be read (the message names them and the fix).
   """
   root = resolve_data_dir(data_dir)
   pattern = os.path.join(root, name, "*", f"{name}-{split}.array_record*")
@@ -171,25 +175,62 @@ def load_tfds(name: str, split: str, data_dir: Optional[str] = None,
         f", or prepare it with `pip install jirm[prepare]` and "
         f"tfds.builder('{name}', file_format='array_record')"
         f".download_and_prepare().")
-  stat = os.stat(files[0])
-  key = hashlib.sha1(
-      f"{files[0]}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+  key = hashlib.sha1("|".join(
+      f"{f}|{os.stat(f).st_size}|{os.stat(f).st_mtime_ns}"
+      for f in files).encode()).hexdigest()[:16]
   cache_path = os.path.join(_cache_dir(), f"{name}-{split}-{key}.npz")
   if cache and os.path.exists(cache_path):
-    with np.load(cache_path) as z:
-      return z["images"], z["labels"]
+    arrays = _read_cache(cache_path)
+    if arrays is not None:
+      return arrays
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  source = tfds.data_source(name, split=split, data_dir=root, download=False)
-  images, labels = [], []
-  for start in range(0, len(source), 10_000):
-    rows = source.__getitems__(
-        list(range(start, min(start + 10_000, len(source)))))
-    images.append(np.stack([r["image"] for r in rows]))
-    labels.append(np.asarray([r["label"] for r in rows], np.int32))
+  try:
+    source = tfds.data_source(name, split=split, data_dir=root,
+                              download=False)
+    images, labels = [], []
+    for start in range(0, len(source), 10_000):
+      rows = source.__getitems__(
+          list(range(start, min(start + 10_000, len(source)))))
+      images.append(np.stack([r["image"] for r in rows]))
+      labels.append(np.asarray([r["label"] for r in rows], np.int32))
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(
+        f"prepared tfds dataset '{name}' (split '{split}') under {root} "
+        f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        f" in {', '.join(files)}). Fix: prepare it again, e.g. python -m "
+        f"jirm.data.prepare --dataset={name} --manual_dir=RAW "
+        f"--data_dir={root}.") from e
   images, labels = np.concatenate(images), np.concatenate(labels)
   if cache:
-    _atomic_savez(cache_path, images=images, labels=labels)
+    _atomic_savez(cache_path, images=images, labels=labels,
+                  sha256=np.asarray(_digest(images, labels)))
   return images, labels
+
+
+def _digest(images, labels) -> str:
+  h = hashlib.sha256()
+  for a in (images, labels):
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).data)
+  return h.hexdigest()
+
+
+def _read_cache(path: str):
+  """The cached ``(images, labels)``, or None (with a warning, the file
+  removed) if it is truncated, garbled or fails its checksum."""
+  try:
+    with np.load(path) as z:
+      images, labels, digest = z["images"], z["labels"], str(z["sha256"])
+    if digest == _digest(images, labels):
+      return images, labels
+    problem = "its checksum does not match"
+  except Exception as e:  # pylint: disable=broad-except
+    problem = f"{type(e).__name__}: {e}"
+  warnings.warn(f"decoded-data cache {path} is corrupt ({problem}); "
+                f"rebuilding it from the prepared dataset.")
+  with contextlib.suppress(OSError):
+    os.remove(path)
+  return None
 
 
 def load_mnist(split: str = "train", data_dir: Optional[str] = None):
