@@ -220,10 +220,16 @@ def _read_cache(path: str):
   removed) if it is truncated, garbled or fails its checksum."""
   try:
     with np.load(path) as z:
-      images, labels, digest = z["images"], z["labels"], str(z["sha256"])
-    if digest == _digest(images, labels):
+      if "sha256" not in z.files:
+        digest = None
+      else:
+        images, labels, digest = z["images"], z["labels"], str(z["sha256"])
+    if digest is None:
+      problem = "no checksum: written by an older jirm"
+    elif digest == _digest(images, labels):
       return images, labels
-    problem = "its checksum does not match"
+    else:
+      problem = "its checksum does not match"
   except Exception as e:  # pylint: disable=broad-except
     problem = f"{type(e).__name__}: {e}"
   warnings.warn(f"decoded-data cache {path} is corrupt ({problem}); "
