@@ -98,6 +98,7 @@ def make_accuracy_fn(predict, task: str = "binary",
 
   def acc_fn(state, data: EnvArrays):
     e, n = data.y.shape
+    check_logits(jax.eval_shape(predict, state, data.x[0, :1]).shape, task)
     if chunk is None:
       logits = predict(state, data.x.reshape((e * n,) + data.x.shape[2:]))
       return objectives.accuracy(logits.reshape(e, n, -1), data.y,
@@ -132,6 +133,43 @@ def subset(envs: data_lib.Envs, max_per_env: Optional[int]):
                        envs.agree[:, :max_per_env],
                        envs.valid[:, :max_per_env], envs.names,
                        envs.spurious)
+
+
+def check_logits(shape, task: str) -> None:
+  """Raises ValueError unless a model's logits ``[N, C]`` fit ``task``: one
+  logit for ``'binary'`` / ``'regression'``, at least two for
+  ``'multiclass'``."""
+  c = shape[-1] if len(shape) > 1 else 1
+  if task == "multiclass" and c < 2:
+    raise ValueError(f"the model outputs {c} logit per sample for a "
+                     f"multiclass task; build it with one output per class "
+                     f"(e.g. jirm.models.mlp(..., out=10)).")
+  if task != "multiclass" and c != 1:
+    raise ValueError(f"the model outputs {c} logits per sample for a "
+                     f"{task} task, which reads one; build it with out=1 or "
+                     f"use multiclass data.")
+
+
+def check_splits(splits: data_lib.EnvSplits) -> None:
+  """Raises ValueError unless every split has one label and one valid flag
+  per input and the test / validation inputs have the training inputs'
+  shape."""
+  shape = splits.train.x.shape[2:]
+  for name in ("train", "test", "val"):
+    envs = getattr(splits, name)
+    if envs is None:
+      continue
+    x, y, valid = envs.x, envs.y, envs.valid
+    if y.shape != x.shape[:2] or valid.shape != x.shape[:2]:
+      raise ValueError(
+          f"splits.{name}: labels {tuple(y.shape)} and valid "
+          f"{tuple(valid.shape)} for inputs {tuple(x.shape)}; give one label "
+          f"and one valid flag per input ([E, N]).")
+    if x.shape[2:] != shape:
+      raise ValueError(
+          f"splits.{name}: inputs of shape {tuple(x.shape[2:])} per sample, "
+          f"the training inputs {tuple(shape)}; build every split with the "
+          f"same input shape.")
 
 
 def check_steps(steps: int, eval_every: int) -> None:
@@ -230,6 +268,7 @@ def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
       Inf; the message names the step and the term or leaf.
   """
   check_steps(steps, eval_every)
+  check_splits(splits)
   if runner not in RUNNERS:
     raise ValueError(f"runner={runner!r}: use one of {RUNNERS}.")
   check_batch_size(batch_size, splits.train)
@@ -276,6 +315,8 @@ def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
                                task=splits.task, chunk=eval_chunk)
   else:
     state = _unaliased(method.init(jax.random.key(seed), train))
+    check_logits(jax.eval_shape(method.predict, state,
+                                evals["test"].x[0, :1]).shape, splits.task)
     if mesh is not None:
       from jirm import sharding  # pylint: disable=g-import-not-at-top
       if not isinstance(train, EnvArrays):

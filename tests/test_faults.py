@@ -192,6 +192,34 @@ def test_library_misuse_is_a_value_error_naming_the_argument(synthetic_mnist):
   assert jirm.schedules.preset("irm", weight=10.0, anneal=3.0).anneal == 3
 
 
+def test_fit_refuses_mismatched_splits_and_logits(synthetic_mnist):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jirm  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  splits = jirm.data.colored_mnist(0, data_num=200, mnist=synthetic_mnist)
+  kw = dict(model=jirm.models.mlp(4), objective=jirm.erm,
+            optimizer=optax.sgd(0.1), steps=2, eval_every=2)
+  test = splits.test
+  wide = dataclasses.replace(splits, test=dataclasses.replace(
+      test, x=test.x[..., :1]))
+  short = dataclasses.replace(splits, train=dataclasses.replace(
+      splits.train, y=splits.train.y[:, :-1]))
+  for bad, match in [(wide, r"splits.test: inputs of shape \(14, 14, 1\) "
+                            r"per sample, the training inputs \(14, 14, 2\)"),
+                     (short, r"splits.train: labels \(2, \d+\) and valid "
+                             r".* one label and one valid flag per input")]:
+    with pytest.raises(ValueError, match=match):
+      jirm.fit(bad, **kw)
+  multi = dataclasses.replace(splits, task="multiclass")
+  for runner in ("host", "scan"):
+    with pytest.raises(ValueError, match=r"outputs 1 logit per sample for a "
+                       r"multiclass task"):
+      jirm.fit(multi, runner=runner, **kw)
+  with pytest.raises(ValueError, match=r"outputs 3 logits per sample for a "
+                     r"binary task"):
+    jirm.fit(splits, **dict(kw, model=jirm.models.mlp(4, out=3)))
+
+
 @pytest.mark.parametrize("data_num", [2.5, 1, True])
 def test_colored_mnist_refuses_a_bad_data_num(synthetic_mnist, data_num):
   import jirm  # pylint: disable=g-import-not-at-top
