@@ -184,6 +184,7 @@ def run_restarts(configs, restarts, seed, output_dir, run_restart, report,
                                    unique=_unique)
           print(f"{name} seed {s}: diverged, recorded in {failed_path} and "
                 f"in no table: {e}", flush=True)
+          write_failures(output_dir)
           continue
         where = results_lib.machine()
         for r in records:
@@ -197,6 +198,33 @@ def run_restarts(configs, restarts, seed, output_dir, run_restart, report,
       print(f"{name} seed {s}: train {last['train_acc']:.4f} test "
             f"{last['test_acc']:.4f} ({last['wall_s']:.0f}s)", flush=True)
       report(output_dir)
+      write_failures(output_dir)
+
+
+_FAILED_HEADER = "## Failed restarts"
+
+
+def write_failures(output_dir) -> None:
+  """Adds the restarts recorded in ``failed.jsonl`` (diverged: in no
+  table) to ``summary.md`` as a section of their own, after the study's
+  ``write_reports`` has rewritten it (replacing an earlier such section)."""
+  failed = results_lib.read_jsonl(os.path.join(output_dir, FAILED))
+  if not failed:
+    return
+  path = os.path.join(output_dir, "summary.md")
+  text = (open(path, encoding="utf-8").read() if os.path.exists(path) else
+          f"# {output_dir}\n")
+  text = text.split(_FAILED_HEADER)[0].rstrip() + "\n"
+  lines = ["", f"{_FAILED_HEADER} ({len(failed)}; diverged, in no table; "
+           f"`{FAILED}` holds them, delete a line to run it again)", "",
+           "| method | preset | seed | run key | reason |",
+           "|---|---|---|---|---|"]
+  for r in sorted(failed, key=lambda r: (str(r.get("method", "")),
+                                         r.get("seed", 0))):
+    reason = str(r.get("reason", "")).replace("|", "/").replace("\n", " ")
+    lines.append(f"| {r.get('method')} | {r.get('preset')} | {r.get('seed')} "
+                 f"| {r.get('run_key', '')} | {reason} |")
+  results_lib.atomic_write(path, text + "\n".join(lines) + "\n")
 
 
 def start(flags_, write_reports) -> bool:
@@ -214,6 +242,7 @@ def start(flags_, write_reports) -> bool:
             f"point --output_dir at a directory with results.", file=sys.stderr)
       sys.exit(2)
     write_reports(out)
+    write_failures(out)
     return True
   return False
 

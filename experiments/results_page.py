@@ -20,6 +20,7 @@ import os
 from absl import app
 from absl import flags
 
+from experiments import common
 from jirm import launch
 from jirm import results as results_lib
 
@@ -109,6 +110,7 @@ def build_page(results_dir, machine, out):
         continue
       mod = importlib.import_module(f"experiments.{module}")
       mod.write_reports(d)
+      common.write_failures(d)
     facts = _study_facts(records)
     restarts = ", ".join(f"{m} {n}" for m, n in sorted(
         facts["restarts"].items()))

@@ -124,6 +124,12 @@ def test_diverged_restart_is_recorded_outside_every_table(tmp_path, capsys):
   assert failed["status"] == "diverged" and failed["seed"] == 1
   assert failed["reason"].endswith("term/irmv1 = nan at step 3.")
   assert "irmv1-quick seed 1: diverged" in capsys.readouterr().out
+  # summary.md lists it in a section of its own (rewritten, not repeated).
+  for _ in range(2):
+    common.write_failures(str(tmp_path))
+  summary = (tmp_path / "summary.md").read_text()
+  assert summary.count("## Failed restarts (1; diverged, in no table") == 1
+  assert "| irmv1 | quick | 1 |" in summary and "term/irmv1 = nan" in summary
   common.run_restarts([c], 3, 0, str(tmp_path), run, lambda _: None)
   assert "skip irmv1-quick seed 1: it diverged before" in (
       capsys.readouterr().out)
