@@ -46,6 +46,15 @@ SHARED_TFDS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
                                            "tensorflow_datasets"))
 
 
+def real_tfds_dir(name="mnist"):
+  """A folder holding the prepared tfds dataset ``name`` (TFDS_DATA_DIR or
+  ../shared/tensorflow_datasets), or None: real-data tests skip without it."""
+  for d in (os.environ.get("TFDS_DATA_DIR"), SHARED_TFDS):
+    if d and os.path.isdir(os.path.join(d, name)):
+      return d
+  return None
+
+
 def pytest_configure(config):
   del config
   if not _OPT_OK:

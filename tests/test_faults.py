@@ -246,11 +246,8 @@ def test_colored_mnist_refuses_images_and_labels_of_different_lengths(
 
 
 def _real_mnist_dir():
-  from conftest import SHARED_TFDS  # pylint: disable=g-import-not-at-top
-  for d in (os.environ.get("TFDS_DATA_DIR"), SHARED_TFDS):
-    if d and os.path.isdir(os.path.join(d, "mnist")):
-      return d
-  return None
+  from conftest import real_tfds_dir  # pylint: disable=g-import-not-at-top
+  return real_tfds_dir("mnist")
 
 
 @pytest.mark.skipif(_real_mnist_dir() is None, reason="no prepared mnist")

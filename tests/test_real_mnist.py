@@ -1,21 +1,12 @@
 """Real-data smoke test on the prepared tfds MNIST (skipped without it)."""
 
-import os
-
 import numpy as np
 import optax
 import pytest
 
 import jirm
 
-from conftest import SHARED_TFDS
-
-
-def _data_dir():
-  for d in (os.environ.get("TFDS_DATA_DIR"), SHARED_TFDS):
-    if d and os.path.isdir(os.path.join(d, "mnist")):
-      return d
-  return None
+from conftest import real_tfds_dir as _data_dir
 
 
 @pytest.mark.skipif(_data_dir() is None, reason="no prepared tfds mnist")
@@ -41,8 +32,7 @@ def test_short_irmv1_beats_erm_on_the_test_env():
 
 
 def _has(name):
-  d = _data_dir()
-  return d is not None and os.path.isdir(os.path.join(d, name))
+  return _data_dir(name) is not None
 
 
 @pytest.mark.skipif(not _has("cifar10"), reason="no prepared tfds cifar10")
@@ -50,7 +40,8 @@ def _has(name):
     ("2env", (0.999, 0.8), 1800), ("4env", (0.999, 0.95, 0.9, 0.8), 1800),
     ("birm", (0.999, 0.7), 1000)])
 def test_cifar_mnist_on_real_data(envs, ratios, test_num):
-  s = jirm.data.cifar_mnist(0, envs=envs, val="none", data_dir=_data_dir())
+  s = jirm.data.cifar_mnist(0, envs=envs, val="none",
+                            data_dir=_data_dir("cifar10"))
   per_env = 10_000 // len(ratios)
   assert s.train.x.shape == (len(ratios), per_env, 64, 32, 3)
   assert s.test.sizes == (test_num,)
