@@ -39,6 +39,7 @@ import numpy as np
 import optax
 
 from jirm import data as data_lib
+from jirm import models
 from jirm import objectives
 from jirm import resnet
 from jirm.methods import base
@@ -112,6 +113,64 @@ def deep_model(encoder: str = "resnet18", *, head: str = "linear",
   else:
     raise ValueError(f"head={head!r}: use 'linear', 'mlp' or 'ensemble'.")
   return DeepModel(enc, h)
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPModel(DeepModel):
+  """IRM's MLP as an encoder (its hidden layers) and a head: the deep
+  methods (InvRat, IRMGame, IPG, the (h)-level terms) on the ColoredMNIST
+  network. With the ``linear`` head its initialisation is the MLP's: the
+  same key gives the same parameters as ``jirm.models.mlp(...).init``
+  (split into ``encoder`` = ``hidden_*`` and ``head``), and the logits are
+  the same function of them."""
+
+  def init(self, rng, x_1X):
+    if not isinstance(self.head, models.MLPHead):
+      return super().init(rng, x_1X)
+    full = models.MLP(tuple(self.encoder.hidden), self.head.out).init(
+        rng, x_1X)["params"]
+    encoder = {k: v for k, v in full.items() if k != "head"}
+    return {"encoder": encoder, "head": {"params": {"head": full["head"]}}}, {}
+
+  def features(self, params, batch_stats, x_NX, train: bool):
+    del train
+    return self.encoder.apply({"params": params["encoder"]}, x_NX), (
+        batch_stats)
+
+
+def mlp_model(hidden_dim: int = 390, depth: int = 2, *, out: int = 1,
+              head: str = "linear", num_envs: int = 2,
+              head_hidden: Optional[int] = None) -> MLPModel:
+  """IRM's MLP (Arjovsky et al. 2019) with the ResNets' feature / head
+  interface, for :func:`deep_method` and the (h)-level terms.
+
+  Args:
+    hidden_dim, depth: the hidden layers (as :func:`jirm.models.mlp`).
+    out: logits per sample.
+    head: ``'linear'`` (the MLP's own last layer and initialisation),
+      ``'ensemble'`` (mean of ``num_envs`` linear heads, IRMGame) or
+      ``'mlp'`` (two layers, ``head_hidden`` wide, InvRat-EB).
+    num_envs: heads of the ``ensemble`` head.
+    head_hidden: hidden width of the ``mlp`` head (default ``hidden_dim``).
+
+  Returns:
+    An :class:`MLPModel`.
+
+  Example:
+    >>> model = mlp_model(390)
+    >>> method = deep_method(model, jirm.erm + 1e3 * jirm.irmv1_head,
+    ...                      optax.adam(1e-3), batch_size=500)
+  """
+  enc = models.mlp(hidden_dim, depth, out)  # Validates the sizes.
+  if head == "linear":
+    h = models.MLPHead(int(out))
+  elif head == "ensemble":
+    h = EnsembleHead(int(num_envs), int(out))
+  elif head == "mlp":
+    h = resnet.MLPHead(int(head_hidden or hidden_dim), int(out))
+  else:
+    raise ValueError(f"head={head!r}: use 'linear', 'ensemble' or 'mlp'.")
+  return MLPModel(models.MLPEncoder(tuple(enc.hidden)), h)
 
 
 # ----------------------------------------------------------------------------

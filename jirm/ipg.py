@@ -385,8 +385,10 @@ def ipg(*, model, objective: objectives.Objective,
 
 def deep_head_kernel(params):
   """The linear head's weights ``[D, C]`` of a :class:`jirm.deep.DeepModel`
-  (``resnet.LinearHead``)."""
-  return params["head"]["params"]["fc"]["kernel"]
+  (``resnet.LinearHead``'s ``fc``, or the MLP's ``head`` layer of
+  :func:`jirm.deep.mlp_model`)."""
+  head = params["head"]["params"]
+  return head["fc" if "fc" in head else "head"]["kernel"]
 
 
 def deep_step_factory(pairs: Pairs, *, threshold: float = 2e-6,

@@ -44,6 +44,40 @@ class MLP(nn.Module):
     return (h, logits) if return_features else logits
 
 
+class MLPEncoder(nn.Module):
+  """The hidden layers of :class:`MLP` (same names, same initialisation):
+  the feature extractor of :func:`jirm.deep.mlp_model`. ``train`` is
+  accepted for the ResNet encoders' interface (no BatchNorm here).
+
+  Example:
+    >>> feats = MLPEncoder((390, 390)).apply(variables, x, train=False)
+  """
+
+  hidden: Sequence[int] = (390, 390)
+
+  @property
+  def num_features(self) -> int:
+    return int(self.hidden[-1])
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    h = x.reshape((x.shape[0], -1)).astype(jnp.float32)
+    for i, width in enumerate(self.hidden):
+      h = nn.relu(_dense(width, name=f"hidden_{i}")(h))
+    return h
+
+
+class MLPHead(nn.Module):
+  """The last layer of :class:`MLP` (``head``: Xavier-uniform, zero bias)."""
+
+  out: int = 1
+
+  @nn.compact
+  def __call__(self, feats_ND):
+    return _dense(self.out, name="head")(feats_ND)
+
+
 def mlp(hidden_dim: int = 390, depth: int = 2, out: int = 1) -> MLP:
   """IRM's MLP with ``depth`` hidden layers of width ``hidden_dim``."""
   if hidden_dim < 1 or depth < 1:
