@@ -4,6 +4,7 @@ the Slurm script passes every value to the trial byte for byte."""
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -286,13 +287,23 @@ def test_corrupt_cache_is_rebuilt_and_corrupt_records_name_the_file(
   with pytest.warns(UserWarning, match="checksum does not match"):
     np.testing.assert_array_equal(data.load_tfds("mnist", "test",
                                                  str(root))[1], labels)
-  # A garbled record file: one DataError naming it and the fix.
+  # A garbled record file: one DataError naming it and the fix. (In a
+  # subprocess: the C++ record reader parses the garbage, and nothing it
+  # may leave behind should share a process with the rest of the suite.)
   record, = glob_lib.glob(str(dst / "mnist-test.array_record*"))
   os.chmod(record, 0o644)
   with open(record, "r+b") as f:
     f.seek(1000)
     f.write(b"\x00garbage" * 4096)
-  with pytest.raises(data.DataError, match=(
-      r"cannot be read .*mnist-test\.array_record.*python -m "
-      r"jirm\.data\.prepare --dataset=mnist")):
-    data.load_tfds("mnist", "test", str(root), cache=False)
+  code = ("import sys; from jirm import data\n"
+          "try:\n"
+          f"  data.load_tfds('mnist', 'test', {str(root)!r}, cache=False)\n"
+          "except data.DataError as e:\n"
+          "  print(e); sys.exit(3)\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                        text=True, timeout=300, check=False,
+                        cwd=os.path.dirname(os.path.dirname(
+                            os.path.abspath(__file__))))
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  assert re.search(r"cannot be read .*mnist-test\.array_record.*python -m "
+                   r"jirm\.data\.prepare --dataset=mnist", proc.stdout)
