@@ -307,3 +307,21 @@ def test_corrupt_cache_is_rebuilt_and_corrupt_records_name_the_file(
   assert proc.returncode == 3, proc.stderr[-2000:]
   assert re.search(r"cannot be read .*mnist-test\.array_record.*python -m "
                    r"jirm\.data\.prepare --dataset=mnist", proc.stdout)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(train_num=200.5), r"train_num=200.5: a whole number of images"),
+    (dict(train_num=3), r"train_num=3: .*at least 2 per environment \(6 "),
+    (dict(test_num=0), r"test_num=0: a whole number of images, at least 1"),
+    (dict(train_num=True), r"train_num=True"),
+])
+def test_cifar_mnist_refuses_bad_sizes(kw, match):
+  from jirm import data  # pylint: disable=g-import-not-at-top
+  src = data.synthetic_cifar_mnist_sources(50)
+  with pytest.raises(data.DataError, match=match):
+    data.cifar_mnist(0, sources=src, **kw)
+  m_img, m_lab, c_img, c_lab = src
+  with pytest.raises(data.DataError, match=r"images and labels differ in "
+                     r"length \(mnist \d+ / \d+, cifar \d+ / \d+\)"):
+    data.cifar_mnist(0, sources=(m_img, m_lab[:-1], c_img, c_lab),
+                     train_num=40, test_num=10)

@@ -141,6 +141,18 @@ def _atomic_savez(path: str, **arrays) -> None:
       os.remove(tmp)
 
 
+def _count(name: str, value, minimum: int, what: str) -> int:
+  """``value`` as an int if it is a whole number >= ``minimum``, else a
+  DataError naming it (no silent truncation of 2.5 to 2)."""
+  ok = (not isinstance(value, bool) and
+        isinstance(value, (int, np.integer, float, np.floating)) and
+        float(value).is_integer() and value >= minimum)
+  if not ok:
+    raise DataError(f"{name}={value!r}: a whole number of images, {what} "
+                    f"({minimum} here).")
+  return int(value)
+
+
 def load_tfds(name: str, split: str, data_dir: Optional[str] = None,
               cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Decodes a prepared tfds image dataset into ``(images_NHWC, labels_N)``.
@@ -826,9 +838,12 @@ def cifar_mnist(seed: int = 0, *, envs: str = "2env",
   p_train, p_test, p_ntrain, p_ntest = CIFAR_MNIST_ENVS[envs]
   train_ratios = tuple(p_train if train_ratios is None else train_ratios)
   test_ratio = p_test if test_ratio is None else test_ratio
-  train_num = p_ntrain if train_num is None else int(train_num)
-  test_num = p_ntest if test_num is None else int(test_num)
   _check_num_envs(len(train_ratios))
+  n_env = len(train_ratios) + (1 if val == "holdout" else 0)
+  train_num = p_ntrain if train_num is None else _count(
+      "train_num", train_num, 2 * n_env, "at least 2 per environment")
+  test_num = p_ntest if test_num is None else _count(
+      "test_num", test_num, 1, "at least 1")
   for r in train_ratios + (test_ratio,):
     _check_prob("agreement ratio", r)
   _check_prob("label_noise", label_noise)
@@ -843,6 +858,10 @@ def cifar_mnist(seed: int = 0, *, envs: str = "2env",
     sources = (np.concatenate(mi), np.concatenate(ml), np.concatenate(ci),
                np.concatenate(cl))
   m_img, m_lab, c_img, c_lab = sources
+  if len(m_img) != len(m_lab) or len(c_img) != len(c_lab):
+    raise DataError(f"cifar_mnist sources: images and labels differ in "
+                    f"length (mnist {len(m_img)} / {len(m_lab)}, cifar "
+                    f"{len(c_img)} / {len(c_lab)}).")
   rng = np.random.default_rng(seed)
   # Pools: digits 1 / 0; noisy CIFAR label 1 (truck) / 0 (automobile).
   c_keep = np.flatnonzero((c_lab == 1) | (c_lab == 9))
