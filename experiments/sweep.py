@@ -144,6 +144,19 @@ def _tag(records, trial):
   return records
 
 
+def _data_kwargs(fn, trial, mnist=None) -> dict:
+  """The data arguments that an experiment's ``fn`` (``run_restart`` or
+  ``build_method``) takes: the trial's ``data_dir``, and ``mnist``
+  (in-memory digits for tests) when given."""
+  params = inspect.signature(fn).parameters
+  kw = {}
+  if "data_dir" in params:
+    kw["data_dir"] = trial.get("data_dir")
+  if mnist is not None and "mnist" in params:
+    kw["mnist"] = mnist
+  return kw
+
+
 def run_trial(work_dir, trial, mnist=None):
   """Runs one trial with its experiment's ``run_restart`` (resuming from
   the trial's checkpoints) and writes its records. The trial function of
@@ -156,12 +169,8 @@ def run_trial(work_dir, trial, mnist=None):
   results_lib.atomic_write(os.path.join(d, "trial.json"),
                            json.dumps(trial, indent=1))
   mod = _module(trial["experiment"])
-  kw = dict(checkpoint_dir=os.path.join(d, "checkpoints"))
-  params = inspect.signature(mod.run_restart).parameters
-  if "data_dir" in params:
-    kw["data_dir"] = trial.get("data_dir")
-  if mnist is not None and "mnist" in params:
-    kw["mnist"] = mnist
+  kw = dict(checkpoint_dir=os.path.join(d, "checkpoints"),
+            **_data_kwargs(mod.run_restart, trial, mnist))
   config = _config_of(trial)
   try:
     records = mod.run_restart(config, trial["seed"], **kw)
@@ -275,12 +284,7 @@ def _vmap_seeds(work_dir, group, trials_per_call, mnist, progress):
   t0 = time.time()
   mod = _module(group[0]["experiment"])
   config = _config_of(group[0])
-  params = inspect.signature(mod.build_method).parameters
-  kw = {}
-  if "data_dir" in params and group[0].get("data_dir"):
-    kw["data_dir"] = group[0]["data_dir"]
-  if mnist is not None and "mnist" in params:
-    kw["mnist"] = mnist
+  kw = _data_kwargs(mod.build_method, group[0], mnist)
   built = {}
 
   def built_of(seed):
@@ -297,22 +301,23 @@ def _vmap_seeds(work_dir, group, trials_per_call, mnist, progress):
                      f" use --backend=local.")
   sweep_kw = {k: v for k, v in first.fit_kw.items() if k in _SWEEP_FIT_KW}
   reference = _fingerprint(first.method, first.splits.train)
-  info = {}
+  checked = {seeds[0]}
 
   def splits_of(seed):
     b = built_of(seed)
-    if seed != seeds[0] and not _same(_fingerprint(b.method, b.splits.train),
-                                      reference):
-      raise ValueError(
-          f"--backend=vmap: {group[0]['method']}'s method depends on the "
-          f"seed (restart {seed}'s program or its constants, e.g. IPG's "
-          f"pairs, differ from restart {seeds[0]}'s), so its restarts cannot "
-          f"share one program; use --backend=local.")
-    info[seed] = b.splits.info
+    if seed not in checked:
+      if not _same(_fingerprint(b.method, b.splits.train), reference):
+        raise ValueError(
+            f"--backend=vmap: {group[0]['method']}'s method depends on the "
+            f"seed (restart {seed}'s program or its constants, e.g. IPG's "
+            f"pairs, differ from restart {seeds[0]}'s), so its restarts "
+            f"cannot share one program; use --backend=local.")
+      checked.add(seed)
     return b.splits
 
   if len(seeds) > 1:  # Before any training: the second restart's program.
     splits_of(seeds[1])
+
   def persist(i, res):
     t = group[i]
     b = built[t["seed"]]
@@ -322,7 +327,7 @@ def _vmap_seeds(work_dir, group, trials_per_call, mnist, progress):
     else:
       if b.select is not None:
         res.selections = b.select(res.history, res.env_names)
-      records = mod.records_of(res, config, t["seed"], b, info[t["seed"]],
+      records = mod.records_of(res, config, t["seed"], b, b.splits.info,
                                (time.time() - t0) / (i + 1), backend="vmap")
     built[t["seed"]] = b._replace(splits=None)  # Its data is done with.
     launch.write_result(work_dir, t, _tag(records, t))

@@ -18,6 +18,15 @@ _dense = functools.partial(nn.Dense, kernel_init=nn.initializers.xavier_uniform(
                            bias_init=nn.initializers.zeros)
 
 
+def _hidden_layers(x, hidden: Sequence[int]):
+  """Flatten -> (Dense -> ReLU) per width, the layers named ``hidden_i`` in
+  the calling module (call it inside an ``nn.compact`` method)."""
+  h = x.reshape((x.shape[0], -1)).astype(jnp.float32)
+  for i, width in enumerate(hidden):
+    h = nn.relu(_dense(width, name=f"hidden_{i}")(h))
+  return h
+
+
 class MLP(nn.Module):
   """Multi-layer perceptron on flattened inputs.
 
@@ -37,9 +46,7 @@ class MLP(nn.Module):
   def __call__(self, x, return_features: bool = False):
     """Logits ``[N, out]``; with ``return_features`` also the penultimate
     features ``[N, hidden[-1]]`` (the input of the ``head`` layer)."""
-    h = x.reshape((x.shape[0], -1)).astype(jnp.float32)
-    for i, width in enumerate(self.hidden):
-      h = nn.relu(_dense(width, name=f"hidden_{i}")(h))
+    h = _hidden_layers(x, self.hidden)
     logits = _dense(self.out, name="head")(h)
     return (h, logits) if return_features else logits
 
@@ -62,10 +69,7 @@ class MLPEncoder(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train
-    h = x.reshape((x.shape[0], -1)).astype(jnp.float32)
-    for i, width in enumerate(self.hidden):
-      h = nn.relu(_dense(width, name=f"hidden_{i}")(h))
-    return h
+    return _hidden_layers(x, self.hidden)
 
 
 class MLPHead(nn.Module):

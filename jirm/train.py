@@ -98,7 +98,6 @@ def make_accuracy_fn(predict, task: str = "binary",
 
   def acc_fn(state, data: EnvArrays):
     e, n = data.y.shape
-    check_logits(jax.eval_shape(predict, state, data.x[0, :1]).shape, task)
     if chunk is None:
       logits = predict(state, data.x.reshape((e * n,) + data.x.shape[2:]))
       return objectives.accuracy(logits.reshape(e, n, -1), data.y,
@@ -181,14 +180,22 @@ def check_steps(steps: int, eval_every: int) -> None:
       raise ValueError(f"{arg}={value!r}: use a whole number >= 1.")
 
 
-def check_eval_from(steps: int, method) -> None:
-  """Raises ValueError unless ``steps`` exceeds ``method.eval_from`` (the
-  updates before its first evaluation, e.g. MRM's dense and mask phases)."""
+def check_eval_from(steps: int, method) -> int:
+  """``method.eval_from`` (0 for a method without one); raises ValueError
+  unless ``steps`` exceeds it (the updates before its first evaluation,
+  e.g. MRM's dense and mask phases)."""
   eval_from = getattr(method, "eval_from", 0)
   if steps <= eval_from:
     raise ValueError(
         f"steps={steps} must exceed the method's eval_from={eval_from} (the "
         f"updates before its first evaluation); pass steps > {eval_from}.")
+  return eval_from
+
+
+def check_predict(method, state, x_EN, task: str) -> None:
+  """Raises ValueError unless ``method.predict``'s logits on ``state`` fit
+  ``task`` (:func:`check_logits`); traced only, nothing runs."""
+  check_logits(jax.eval_shape(method.predict, state, x_EN[0, :1]).shape, task)
 
 
 def is_eval_point(n: int, steps: int, eval_every: int,
@@ -289,7 +296,7 @@ def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
     if given:
       raise ValueError(f"{', '.join(given)}: these build a method; pass "
                        f"them to the method's factory, not with method=.")
-  check_eval_from(steps, method)
+  eval_from = check_eval_from(steps, method)
   if mesh is not None and batch_size is not None:
     raise ValueError("mesh= shards the full batch; minibatch sampling "
                      "(batch_size) is single-device only.")
@@ -315,8 +322,7 @@ def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
                                task=splits.task, chunk=eval_chunk)
   else:
     state = _unaliased(method.init(jax.random.key(seed), train))
-    check_logits(jax.eval_shape(method.predict, state,
-                                evals["test"].x[0, :1]).shape, splits.task)
+    check_predict(method, state, evals["test"].x, splits.task)
     if mesh is not None:
       from jirm import sharding  # pylint: disable=g-import-not-at-top
       if not isinstance(train, EnvArrays):
@@ -343,7 +349,7 @@ def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
                               checkpoint_dir=checkpoint_dir,
                               checkpoint_every=checkpoint_every,
                               metrics_dir=metrics_dir,
-                              eval_from=getattr(method, "eval_from", 0))
+                              eval_from=eval_from)
   return FitResult(method.export(state), history, select(history, env_names),
                    env_names, time.time() - t0, state)
 
@@ -406,8 +412,8 @@ def scan_run(method, key, train, evals: dict, *, steps: int,
   ``(steps - eval_from) // eval_every`` chunks of ``eval_every`` updates,
   each followed by an evaluation of every array in ``evals``, then the
   remaining updates and a last evaluation: the evaluation points of
-  :func:`fit` (:func:`is_eval_point`). :func:`fit` with ``runner='scan'`` jits it;
-  :func:`jirm.sweep.fit_sweep` vmaps it over trials.
+  :func:`fit` (:func:`is_eval_point`). :func:`fit` with ``runner='scan'``
+  jits it; :func:`jirm.sweep.fit_sweep` vmaps it over trials.
 
   Args:
     method: a :class:`jirm.methods.Method`.
@@ -431,7 +437,7 @@ def scan_run(method, key, train, evals: dict, *, steps: int,
     >>> state, rows, metrics_S, finite_SL = run(jax.random.key(0))
   """
   check_steps(steps, eval_every)
-  check_eval_from(steps, method)
+  eval_from = check_eval_from(steps, method)
   acc_fn = make_accuracy_fn(method.predict, task, chunk)
   update = _checked(method.update)
 
@@ -447,9 +453,9 @@ def scan_run(method, key, train, evals: dict, *, steps: int,
       row[f"{name}_acc_E"] = acc_fn(state, arrays)
     return state, (row, metrics, ok)
 
-  eval_from = getattr(method, "eval_from", 0)
   n_full, rem = divmod(steps - eval_from, eval_every)
   state = method.init(key, train)
+  check_predict(method, state, evals["test"].x, task)
   parts = []
   warm = None
   if eval_from:

@@ -187,9 +187,10 @@ def load_tfds(name: str, split: str, data_dir: Optional[str] = None,
         f", or prepare it with `pip install jirm[prepare]` and "
         f"tfds.builder('{name}', file_format='array_record')"
         f".download_and_prepare().")
+  stats = [(f, os.stat(f)) for f in files]
   key = hashlib.sha1("|".join(
-      f"{f}|{os.stat(f).st_size}|{os.stat(f).st_mtime_ns}"
-      for f in files).encode()).hexdigest()[:16]
+      f"{f}|{st.st_size}|{st.st_mtime_ns}"
+      for f, st in stats).encode()).hexdigest()[:16]
   cache_path = os.path.join(_cache_dir(), f"{name}-{split}-{key}.npz")
   if cache and os.path.exists(cache_path):
     arrays = _read_cache(cache_path)
