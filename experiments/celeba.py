@@ -6,8 +6,9 @@ r"""The CelebA experiment (see :mod:`experiments.shift` for flags and outputs).
 
 from absl import app
 
+from experiments import common
 from experiments import shift
 
 if __name__ == "__main__":
   shift.define_flags("celeba")
-  app.run(shift.main_for("celeba"))
+  app.run(shift.main_for("celeba"), flags_parser=common.parse_flags)

@@ -56,8 +56,7 @@ def define_flags():
   flags.DEFINE_string("output_dir", None, "Where results go.", required=True)
   flags.DEFINE_string("data_dir", None, "tfds data dir with mnist and cifar10 "
                       "(else $TFDS_DATA_DIR, else ~/tensorflow_datasets).")
-  flags.DEFINE_multi_string("set", [], "Config override key=value, e.g. "
-                            "--set=penalty_weight=100 --set=epochs=4.")
+  common.define_config_flag("cifar_mnist")
   flags.DEFINE_multi_string("grid", [], "Grid over a config key, key=v1,v2,... "
                             "(repeat for a product), e.g. --grid=embed_dim=64,"
                             "128,256,512 --grid=eb_hidden=256,512 for IRMBed's "
@@ -228,7 +227,7 @@ def expand_grid(config, grid):
     for c in points:
       for v in values:
         c2 = common.apply_overrides(c.copy_and_resolve_references(),
-                                    [f"{key}={v}"])
+                                    [f"{key}={v}"], flag="--grid=")
         c2.note = ",".join(filter(None, [c.note, f"{key}={v}"]))
         new.append(c2)
     points = new
@@ -256,22 +255,23 @@ def run(methods, preset, model, envs, restarts, seed, output_dir,
 
 def main(argv):
   del argv
-  c = common.exit_on_bad_input(configs.get_config, "erm", FLAGS.preset,
+  choice = common.exit_on_bad_input(common.config_choice, FLAGS)
+  c = common.exit_on_bad_input(configs.get_config, "erm", choice.preset,
                                FLAGS.model, int(FLAGS.envs))
-  common.exit_on_bad_input(common.check_preset_flags, FLAGS, FLAGS.preset,
+  common.exit_on_bad_input(common.check_preset_flags, FLAGS, choice.preset,
                            {"model": c.model})
   if common.start(FLAGS, write_reports):
     return
-  methods = common.method_list(FLAGS.method, configs.METHODS)
+  methods = common.method_list(choice.method, configs.METHODS)
   if FLAGS.distributed:
     jirm.sharding.initialize_distributed()
   mesh = jirm.sharding.make_mesh() if FLAGS.data_parallel else None
   common.exit_on_bad_input(
-      run, methods, FLAGS.preset, FLAGS.model, int(FLAGS.envs),
+      run, methods, choice.preset, FLAGS.model, int(FLAGS.envs),
       FLAGS.restarts, FLAGS.seed, FLAGS.output_dir, FLAGS.data_dir,
-      FLAGS.set, FLAGS.grid, FLAGS.progress, mesh=mesh)
+      choice.overrides, FLAGS.grid, FLAGS.progress, mesh=mesh)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

@@ -57,8 +57,7 @@ def define_flags():
   flags.DEFINE_string("output_dir", None, "Where results go.", required=True)
   flags.DEFINE_string("data_dir", None, "tfds data dir (else $TFDS_DATA_DIR, "
                       "else ~/tensorflow_datasets).")
-  flags.DEFINE_multi_string("set", [], "Config override key=value, e.g. "
-                            "--set=lr=1e-3 --set=data.data_num=20000.")
+  common.define_config_flag("colored_mnist")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
   flags.DEFINE_bool("report_only", False, "Only regenerate summary.md and "
                     "curves.png from --output_dir/results.jsonl.")
@@ -169,7 +168,7 @@ def run_restart(config, seed, data_dir=None, progress=False, mnist=None,
   if mesh is not None and config.batch_size:
     raise ValueError("--data_parallel shards the full batch; minibatch "
                      f"sampling (batch_size={config.batch_size}) is "
-                     f"single-device only: --set=batch_size=0.")
+                     f"single-device only: --config.batch_size=0.")
   b = build_method(config, seed, data_dir, mnist)
   res = common.fit_restart(b, config, seed, progress=progress,
                            checkpoint_dir=checkpoint_dir, mesh=mesh)
@@ -261,19 +260,20 @@ def main(argv):
     jirm.sharding.initialize_distributed()
   if common.start(FLAGS, write_reports):
     return
-  methods = common.method_list(FLAGS.method, METHODS_ALL)
 
   def go():
+    choice = common.config_choice(FLAGS)
+    methods = common.method_list(choice.method, METHODS_ALL)
     for m in methods:
       if m not in OTHER_METHODS:
         jirm.methods.get(m)
     mesh = jirm.sharding.make_mesh() if FLAGS.data_parallel else None
-    run(methods, FLAGS.preset, FLAGS.restarts, FLAGS.seed, FLAGS.output_dir,
-        FLAGS.data_dir, FLAGS.set, FLAGS.progress, mesh=mesh)
+    run(methods, choice.preset, FLAGS.restarts, FLAGS.seed, FLAGS.output_dir,
+        FLAGS.data_dir, choice.overrides, FLAGS.progress, mesh=mesh)
 
   common.exit_on_bad_input(go)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

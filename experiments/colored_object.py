@@ -6,8 +6,9 @@ r"""The ColoredObject (BIRM) experiment (see :mod:`experiments.shift` for flags 
 
 from absl import app
 
+from experiments import common
 from experiments import shift
 
 if __name__ == "__main__":
   shift.define_flags("colored_object")
-  app.run(shift.main_for("colored_object"))
+  app.run(shift.main_for("colored_object"), flags_parser=common.parse_flags)

@@ -19,7 +19,7 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 def cast_like(old, raw, what: str):
   """``raw`` (a string or number) as the type of ``old``; ValueError naming
-  ``what`` (e.g. ``"--set=lr=x"``) otherwise. Booleans take
+  ``what`` (e.g. ``"--config.lr=x"``) otherwise. Booleans take
   true/false/yes/no/on/off/1/0; integers refuse fractions."""
   kind = type(old).__name__
   if isinstance(old, bool):
@@ -39,28 +39,180 @@ def cast_like(old, raw, what: str):
                      f"{kind} value, not {raw!r}.") from None
 
 
-def apply_overrides(config, overrides):
-  """Applies ``key=value`` strings (dotted keys) to a ConfigDict, casting each
-  value to the type of the entry it replaces (a bad key or value raises
-  ValueError naming it)."""
+def apply_overrides(config, overrides, flag: str = "--config."):
+  """Applies ``key=value`` strings (dotted keys; what ``--config.KEY=VALUE``
+  flags, ``--grid`` points and sweep trials hold) to a ConfigDict, casting
+  each value to the type of the entry it replaces (a bad key or value raises
+  ValueError naming it, as ``flag`` + ``key=value``)."""
   for item in overrides:
     if "=" not in item:
-      raise ValueError(f"--set={item!r}: expected key=value.")
+      raise ValueError(f"{flag}{item}: expected {flag}KEY=VALUE.")
     key, raw = item.split("=", 1)
+    what = f"{flag}{key}={raw}"
     node, *path = key.split(".")[::-1]
     target = config
     for depth, part in enumerate(reversed(path)):
       if part not in target or not hasattr(target[part], "keys"):
         where = ".".join(list(reversed(path))[:depth]) or "the config"
-        raise ValueError(f"--set={item!r}: no config section {part!r} in "
+        raise ValueError(f"{what}: no config section {part!r} in "
                          f"{where}; sections are "
                          f"{sorted(k for k in target.keys() if hasattr(target[k], 'keys'))}.")
       target = target[part]
     if node not in target:
-      raise ValueError(f"--set={item!r}: no config key {key!r}; keys are "
+      raise ValueError(f"{what}: no config key {key!r} in the "
+                       f"{config.get('method', '')} config; keys are "
                        f"{sorted(target.keys())}.")
-    target[node] = cast_like(target[node], raw, f"--set={item!r}")
+    target[node] = cast_like(target[node], raw, what)
   return config
+
+
+def config_file(experiment: str) -> str:
+  """Path of ``experiments/configs/<experiment>.py`` (the default
+  ``--config`` of ``experiments.<experiment>``)."""
+  from experiments import configs  # pylint: disable=g-import-not-at-top
+  return os.path.join(os.path.dirname(os.path.abspath(configs.__file__)),
+                      f"{experiment}.py")
+
+
+def define_config_flag(experiment: Optional[str], flag_values=None) -> None:
+  """Defines ``--config`` (``ml_collections.config_flags``): the config file
+  ``FILE[:METHOD,PRESET]`` and its ``--config.KEY=VALUE`` overrides.
+
+  Args:
+    experiment: the config file's name under ``experiments/configs`` (the
+      flag's default), or None (no default: ``experiments.sweep``, whose
+      ``--config`` file names the experiment).
+    flag_values: where to define it (absl's ``FLAGS`` if None).
+  """
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  default = config_file(experiment) if experiment else None
+  try:  # config_flags reads the --config.KEY arguments of sys.argv here.
+    config_flags.DEFINE_config_file(
+        "config", default,
+        "Config file FILE[:METHOD,PRESET] (default: this experiment's file "
+        "in experiments/configs); override entries with --config.KEY=VALUE, "
+        "e.g. --config.lr=1e-3 --config.data.data_num=20000.",
+        lock_config=True,
+        **({} if flag_values is None else dict(flag_values=flag_values)))
+  except (AttributeError, KeyError) as e:  # An entry the config lacks.
+    missing = str(e).strip("\"'")
+    given = [a.split("=", 1)[0] for a in sys.argv[1:]
+             if a.startswith("--config.")]
+    named = [a for a in given if missing in a[len("--config."):].split(".")]
+    print(f"error: {(named or given or ['--config'])[0]}: no such config "
+          f"entry ({missing!r}) in {default or 'the --config file'}; "
+          f"`--helpfull` lists them (as --config.KEY).", file=sys.stderr)
+    sys.exit(2)
+
+
+class Choice(NamedTuple):
+  """What the command line chose: the ``--method`` value (a name, a comma
+  list or ``all``), the preset, and the ``--config.KEY=VALUE`` overrides as
+  ``key=value`` strings (for :func:`apply_overrides`)."""
+
+  method: str
+  preset: str
+  overrides: tuple
+
+
+def config_choice(flag_values, method_flag: str = "method") -> Choice:
+  """Reads ``--config=FILE[:METHOD,PRESET]``, ``--config.KEY=VALUE``,
+  ``--<method_flag>`` and ``--preset`` into one :class:`Choice`.
+
+  ``FILE:METHOD,PRESET`` is the same as ``--method=METHOD --preset=PRESET``;
+  both given with different values is an error, as are
+  ``--config.method`` / ``--config.preset`` (a method or preset is a whole
+  config, not one entry).
+
+  Args:
+    flag_values: absl's ``FLAGS`` (with :func:`define_config_flag`'s flag).
+    method_flag: the experiment's method flag (``methods`` in
+      ``experiments.sparse_irm``).
+
+  Returns:
+    The :class:`Choice`.
+
+  Raises:
+    ValueError: naming the conflicting flags.
+
+  Example:
+    >>> choice = config_choice(FLAGS)
+    >>> configs_ = [apply_overrides(get_config(m, choice.preset),
+    ...                             choice.overrides)
+    ...             for m in method_list(choice.method, METHODS_ALL)]
+  """
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  method = flag_values[method_flag].value
+  preset = flag_values["preset"].value
+  if flag_values["config"].value is None:
+    return Choice(method, preset, ())
+  value = flag_values["config"].serialize().split("=", 1)[1]
+  arg = value.split(":", 1)[1] if ":" in value else ""
+  if arg:
+    parts = arg.split(",")
+    for flag, mine in zip((method_flag, "preset"), parts):
+      given = flag_values[flag]
+      if given.present and given.value != mine:
+        raise ValueError(
+            f"--{flag}={given.value} and --config={value} choose different "
+            f"{flag}s; give one of them.")
+    method = parts[0]
+    preset = parts[1] if len(parts) > 1 else preset
+  overrides = config_flags.get_override_values(flag_values["config"])
+  for key, flag in (("method", method_flag), ("preset", "preset")):
+    if key in overrides:
+      raise ValueError(
+          f"--config.{key}={overrides[key]}: a {key} is a whole config, not "
+          f"one entry; use --{flag}={overrides[key]} (or "
+          f"--config=FILE:METHOD,PRESET).")
+  return Choice(method, preset,
+                tuple(f"{k}={v}" for k, v in overrides.items()))
+
+
+def parse_flags(argv):
+  """``app.run``'s flag parser for the experiments: a bad flag, including a
+  ``--config.KEY`` that the config lacks or a value of the wrong type, is one
+  line on stderr and exit status 2 (what every jirm check does) instead of
+  absl's usage text or a traceback.
+
+  Example:
+    >>> app.run(main, flags_parser=common.parse_flags)
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    # A config file's own error comes with its traceback: keep its last line.
+    message = lines[0] if len(lines) == 1 else \
+        f"{lines[0].rstrip(':')}: {lines[-1]}"
+    if "Non-boolean argument" in message:
+      message += "; use true or false."
+    if "flag 'config." in message:
+      message += (" --config.KEY=VALUE needs a config file: "
+                  "--config=experiments/configs/<experiment>.py first.")
+  except (AttributeError, KeyError) as e:  # config_flags: an unknown entry.
+    given = [a for a in argv[1:] if a.startswith("--config.")]
+    message = (f"{_unknown_entry(given) or e}: no such config entry; "
+               f"`--helpfull` lists them (as --config.KEY).")
+  except ValueError as e:  # A config file's get_config refused its argument.
+    message = str(e)
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _unknown_entry(given):
+  """The first ``--config.KEY=...`` of ``given`` whose KEY the loaded config
+  lacks (None if it cannot tell)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  config = flags.FLAGS["config"].value
+  for arg in given:
+    node = config
+    for part in arg[len("--config."):].split("=", 1)[0].split("."):
+      if node is None or not hasattr(node, "keys") or part not in node:
+        return arg
+      node = node[part]
+  return None
 
 
 def parse_grid(items) -> dict:

@@ -57,8 +57,7 @@ def define_flags():
   flags.DEFINE_integer("restarts", 10, "Restarts (seeds seed..).")
   flags.DEFINE_integer("seed", 0, "First seed.")
   flags.DEFINE_string("output_dir", None, "Where results go.", required=True)
-  flags.DEFINE_multi_string("set", [], "Config override key=value, e.g. "
-                            "--set=data.train_cons=0.999,0.7.")
+  common.define_config_flag("irm_tv")
   flags.DEFINE_list("weights", [], "Penalty weights for the weight sweep "
                     "(fixed-lambda penalty methods only); empty = the "
                     "config's weight.")
@@ -321,12 +320,13 @@ def main(argv):
   del argv
   if common.start(FLAGS, write_reports):
     return
-  methods = common.method_list(FLAGS.method, METHODS_ALL)
-  common.exit_on_bad_input(run, methods, FLAGS.preset, FLAGS.restarts,
-                           FLAGS.seed, FLAGS.output_dir, FLAGS.set,
+  choice = common.exit_on_bad_input(common.config_choice, FLAGS)
+  methods = common.method_list(choice.method, METHODS_ALL)
+  common.exit_on_bad_input(run, methods, choice.preset, FLAGS.restarts,
+                           FLAGS.seed, FLAGS.output_dir, choice.overrides,
                            tuple(float(w) for w in FLAGS.weights))
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

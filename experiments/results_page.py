@@ -54,7 +54,7 @@ STUDIES = collections.OrderedDict([
                           "docs/cifar_mnist.md")),
     ("cifar_mnist_constant_lr", ("cifar_mnist", "CIFAR-MNIST, constant lr",
                                  "python -m experiments.cifar_mnist "
-                                 "--set=lr_schedule=constant --output_dir=DIR",
+                                 "--config.lr_schedule=constant --output_dir=DIR",
                                  "docs/cifar_mnist.md")),
     ("sparse_irm", ("sparse_irm", "SparseIRM MLP table (Zhou et al. 2022)",
                     "python -m experiments.sparse_irm --methods=irm,"
@@ -66,7 +66,8 @@ STUDIES = collections.OrderedDict([
     ("sweep", ("sweep", "IRMv1 sweep: 8 restarts x 4 penalty weights",
                "python -m experiments.sweep --experiment=colored_mnist "
                "--method=irmv1 --grid=penalty_weight=100,1000,10000,91257.19 "
-               "--restarts=8 --set=hidden_dim=64 --backend=vmap "
+               "--restarts=8 --config=experiments/configs/colored_mnist.py "
+               "--config.hidden_dim=64 --backend=vmap "
                "--trials_per_call=16 "
                "--output_dir=DIR", "docs/scaling.md")),
 ])

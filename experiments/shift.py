@@ -5,7 +5,7 @@ r"""Shared driver of the real-world shift experiments; run it through
   python -m experiments.waterbirds --method=erm,group_dro,ipg,ipg_group_dro \
       --data_dir=/data/waterbird_complete95_forest2water2 --preset=cpu \
       --restarts=3 --output_dir=/tmp/wb
-  python -m experiments.waterbirds --set=data.variant=waterbird100 ...
+  python -m experiments.waterbirds --config.data.variant=waterbird100 ...
   python -m experiments.celeba --data_dir=/data/celeba --method=group_dro ...
   python -m experiments.colored_object --data_dir=/data/coco ...
 
@@ -44,7 +44,7 @@ def define_flags(dataset):
   flags.DEFINE_string("data_dir", None, f"The {dataset} root folder.",
                       required=True)
   flags.DEFINE_string("output_dir", None, "Where results go.", required=True)
-  flags.DEFINE_multi_string("set", [], "Config override key=value.")
+  common.define_config_flag("shift")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
   flags.DEFINE_bool("report_only", False, "Only rewrite the reports.")
 
@@ -203,9 +203,10 @@ def main_for(dataset):
     del argv
     if common.start(FLAGS, write_reports):
       return
-    methods = common.method_list(FLAGS.method, configs.METHODS)
-    common.exit_on_bad_input(run, dataset, methods, FLAGS.preset,
+    choice = common.exit_on_bad_input(common.config_choice, FLAGS)
+    methods = common.method_list(choice.method, configs.METHODS)
+    common.exit_on_bad_input(run, dataset, methods, choice.preset,
                              FLAGS.restarts, FLAGS.seed, FLAGS.output_dir,
-                             FLAGS.data_dir, FLAGS.set, FLAGS.progress)
+                             FLAGS.data_dir, choice.overrides, FLAGS.progress)
 
   return main

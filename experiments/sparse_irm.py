@@ -69,7 +69,7 @@ def define_flags():
   flags.DEFINE_integer("seed", 0, "First seed.")
   flags.DEFINE_string("output_dir", None, "Where results go.", required=True)
   flags.DEFINE_string("data_dir", None, "tfds data dir.")
-  flags.DEFINE_multi_string("set", [], "Config override key=value.")
+  common.define_config_flag("sparse_irm")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
   flags.DEFINE_bool("report_only", False, "Only rewrite the reports.")
   flags.DEFINE_enum("ablation", "none", ["none", "probe", "flip"],
@@ -139,7 +139,7 @@ def build_method(config, seed=0, data_dir=None, mnist=None):
   if config.method == "mrm":
     if batch is not None:
       raise ValueError(f"batch_size={config.batch_size}: MRM trains on the "
-                       f"full batch; use --set=batch_size=0 (or the cmnist "
+                       f"full batch; use --config.batch_size=0 (or the cmnist "
                        f"dataset).")
     m = config.mrm
     method = sparse.mrm_method(
@@ -525,14 +525,16 @@ def _plot_curves(records, path):
 
 def main(argv):
   del argv
-  c = common.exit_on_bad_input(configs.get_config, "erm", FLAGS.preset,
+  choice = common.exit_on_bad_input(common.config_choice, FLAGS,
+                                    method_flag="methods")
+  c = common.exit_on_bad_input(configs.get_config, "erm", choice.preset,
                                FLAGS.penalty, FLAGS.dataset,
                                data_num=FLAGS.data_num)
-  common.exit_on_bad_input(common.check_preset_flags, FLAGS, FLAGS.preset,
+  common.exit_on_bad_input(common.check_preset_flags, FLAGS, choice.preset,
                            {"data_num": c.data.data_num})
   if common.start(FLAGS, write_reports):
     return
-  methods = common.method_list(FLAGS.methods, configs.METHODS)
+  methods = common.method_list(choice.method, configs.METHODS)
   penalty = registry.canonical(FLAGS.penalty)
   if FLAGS.ablation != "none":
     fn = colour_probe if FLAGS.ablation == "probe" else flip_heatmap
@@ -540,15 +542,16 @@ def main(argv):
     common.exit_on_bad_input(
         fn, methods, int(FLAGS.hidden[0]), FLAGS.output_dir,
         FLAGS.params_dirs or [FLAGS.output_dir], seed=FLAGS.seed,
-        preset=FLAGS.preset, penalty=penalty, data_num=FLAGS.data_num,
+        preset=choice.preset, penalty=penalty, data_num=FLAGS.data_num,
         data_dir=FLAGS.data_dir, **extra)
     return
   common.exit_on_bad_input(
       run, methods, FLAGS.hidden, FLAGS.restarts, FLAGS.seed,
-      FLAGS.output_dir, preset=FLAGS.preset, penalty=penalty,
+      FLAGS.output_dir, preset=choice.preset, penalty=penalty,
       dataset=FLAGS.dataset, data_num=FLAGS.data_num,
-      data_dir=FLAGS.data_dir, overrides=FLAGS.set, progress=FLAGS.progress)
+      data_dir=FLAGS.data_dir, overrides=choice.overrides,
+      progress=FLAGS.progress)
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

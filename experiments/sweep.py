@@ -46,6 +46,7 @@ import numpy as np
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 from experiments import common
 from experiments import hparams_registry
@@ -59,7 +60,9 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  flags.DEFINE_enum("experiment", "colored_mnist", EXPERIMENTS, "Experiment.")
+  flags.DEFINE_enum("experiment", "colored_mnist", EXPERIMENTS, "Experiment "
+                    "(or the one whose experiments/configs file --config "
+                    "names).")
   flags.DEFINE_string("method", "irmv1", "Method (comma list allowed).")
   flags.DEFINE_string("preset", "paper", "The experiment's config preset.")
   flags.DEFINE_enum("search", "grid", ["grid", "random"], "grid: --grid "
@@ -71,7 +74,7 @@ def define_flags():
   flags.DEFINE_integer("hparams_seed", 0, "First hyperparameter seed.")
   flags.DEFINE_integer("restarts", 3, "Restarts per point (seeds seed..).")
   flags.DEFINE_integer("seed", 0, "First seed.")
-  flags.DEFINE_multi_string("set", [], "Fixed config override key=value.")
+  common.define_config_flag(None)
   flags.DEFINE_enum("backend", "vmap", ["vmap", "local", "ray", "slurm"],
                     "Execution backend.")
   flags.DEFINE_integer("trials_per_call", 0, "vmap: trials per program "
@@ -88,6 +91,30 @@ def define_flags():
   flags.DEFINE_string("data_dir", None, "tfds data dir.")
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize "
                     "first (multi-host TPU/GPU).")
+
+
+def experiment_of(flag_values) -> str:
+  """The experiment a sweep runs: ``--experiment``, or the one whose
+  ``experiments/configs`` file ``--config`` names (both given must agree).
+
+  Example:
+    ``--config=experiments/configs/cifar_mnist.py --config.epochs=2`` sweeps
+    ``cifar_mnist``.
+  """
+  given = flag_values["experiment"]
+  if flag_values["config"].value is None:
+    return given.value
+  path = config_flags.get_config_filename(flag_values["config"])
+  name = os.path.splitext(os.path.basename(path))[0]
+  if name not in EXPERIMENTS or \
+      os.path.realpath(path) != os.path.realpath(common.config_file(name)):
+    raise ValueError(f"--config={path}: a sweep takes one of the experiments' "
+                     f"config files, experiments/configs/"
+                     f"{{{','.join(EXPERIMENTS)}}}.py.")
+  if given.present and given.value != name:
+    raise ValueError(f"--experiment={given.value} and --config={path} name "
+                     f"different experiments; give one of them.")
+  return name
 
 
 def _module(experiment):
@@ -463,11 +490,13 @@ def main(argv):
     with open(os.path.join(out, "trials.json")) as f:
       run_trial(out, json.load(f)[FLAGS.run_trial])
     return
-  methods = common.method_list(FLAGS.method, ())
+  experiment = common.exit_on_bad_input(experiment_of, FLAGS)
+  choice = common.exit_on_bad_input(common.config_choice, FLAGS)
+  methods = common.method_list(choice.method, ())
   trials = common.exit_on_bad_input(
-      make_trials, FLAGS.experiment, methods, FLAGS.preset, FLAGS.search,
+      make_trials, experiment, methods, choice.preset, FLAGS.search,
       FLAGS.grid, FLAGS.n_hparams, FLAGS.hparams_seed, FLAGS.restarts,
-      FLAGS.seed, FLAGS.set, FLAGS.data_dir)
+      FLAGS.seed, choice.overrides, FLAGS.data_dir)
   argv_ = [a for a in sys.argv[1:] if not a.startswith("--backend")]
   # Every user value quoted for the shell; only the array index expands.
   command = (shlex.join([sys.executable, "-m", "experiments.sweep"] + argv_)
@@ -483,4 +512,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

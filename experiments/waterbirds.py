@@ -6,8 +6,9 @@ r"""The Waterbirds experiment (see :mod:`experiments.shift` for flags and output
 
 from absl import app
 
+from experiments import common
 from experiments import shift
 
 if __name__ == "__main__":
   shift.define_flags("waterbirds")
-  app.run(shift.main_for("waterbirds"))
+  app.run(shift.main_for("waterbirds"), flags_parser=common.parse_flags)

@@ -3,7 +3,7 @@
 # CPU protocol (native 64x32, from scratch, 4 epochs; about 8-10 CPU-minutes
 # per restart on a 2-core machine). Installs jirm into ./.venv first.
 #   scripts/reproduce_cifar_mnist.sh [OUTPUT_DIR] [extra absl flags...]
-# e.g. --envs=4, --model=resnet50, --preset=irmbed --set=pretrained=R18.pth
+# e.g. --envs=4, --model=resnet50, --preset=irmbed --config.pretrained=R18.pth
 set -euo pipefail
 OUT="$(realpath -m "${1:-results/cifar_mnist}")"
 shift || true

@@ -130,3 +130,53 @@ def test_cifar_mnist_cli_reports_missing_data(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.startswith("error: prepared tfds dataset 'mnist'")
   assert not os.path.exists(f"{tmp_path}/out/results.jsonl")
+
+
+def _choice(argv, method_flag="method"):
+  # config_flags registers the --config.KEY flags it finds in sys.argv when
+  # --config is defined, as it does for a real command line.
+  import sys
+  from absl import flags
+  sys_argv, sys.argv = sys.argv, ["prog"] + argv
+  try:
+    fv = flags.FlagValues()
+    flags.DEFINE_string(method_flag, "erm", "", flag_values=fv)
+    flags.DEFINE_string("preset", "quick", "", flag_values=fv)
+    common.define_config_flag("colored_mnist", flag_values=fv)
+    fv(["prog"] + argv)
+    return common.config_choice(fv, method_flag=method_flag), fv
+  finally:
+    sys.argv = sys_argv
+
+
+def test_config_flag_file_argument_and_typed_overrides():
+  path = common.config_file("colored_mnist")
+  choice, fv = _choice([f"--config={path}:vrex,paper", "--config.lr=0.002",
+                        "--config.data.data_num=1234",
+                        "--config.note=hand"])
+  assert choice.method == "vrex" and choice.preset == "paper"
+  assert sorted(choice.overrides) == ["data.data_num=1234", "lr=0.002",
+                                      "note=hand"]
+  # The loaded config already holds the overrides, typed as the entries.
+  assert fv["config"].value.lr == 0.002
+  assert fv["config"].value.data.data_num == 1234
+  assert fv["config"].value.penalty_weight == pytest.approx(10000.0)
+  # The same overrides through apply_overrides give the same config.
+  c = common.apply_overrides(configs.get_config("vrex", "paper"),
+                             choice.overrides)
+  assert c.to_dict() == fv["config"].value.to_dict()
+  # No file argument: --method / --preset decide; default file, no overrides.
+  choice, _ = _choice(["--method=irmv1", "--preset=paper"])
+  assert choice == common.Choice("irmv1", "paper", ())
+
+
+def test_config_flag_conflicts_are_errors():
+  path = common.config_file("colored_mnist")
+  with pytest.raises(ValueError, match="choose different methods"):
+    _choice([f"--config={path}:vrex,quick", "--methods=erm"],
+            method_flag="methods")
+  # The same choice twice is not a conflict.
+  choice, _ = _choice([f"--config={path}:vrex,quick", "--method=vrex"])
+  assert choice.method == "vrex"
+  with pytest.raises(ValueError, match="a preset is a whole config"):
+    _choice(["--config.preset=paper"])

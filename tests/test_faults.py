@@ -22,20 +22,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("raw", ["on", "y", "ture", "2"])
-def test_set_booleans_are_strict(raw):
+def test_override_booleans_are_strict(raw):
   c = ml_collections.ConfigDict(dict(flag=False, n=3, lr=0.1,
                                      data=dict(k=1)))
   if raw == "on":
     assert common.apply_overrides(c, [f"flag={raw}"]).flag is True
     return
-  with pytest.raises(ValueError, match=rf"--set='flag={raw}': a boolean; "
+  with pytest.raises(ValueError, match=rf"--config.flag={raw}: a boolean; "
                      r"use true or false"):
     common.apply_overrides(c, [f"flag={raw}"])
 
 
-def test_set_and_grid_refuse_what_they_would_truncate():
+def test_overrides_and_grid_refuse_what_they_would_truncate():
   c = ml_collections.ConfigDict(dict(n=3, data=dict(k=1)))
-  with pytest.raises(ValueError, match=r"--set='n=16.9': takes an int value, "
+  with pytest.raises(ValueError, match=r"--config.n=16.9: takes an int value, "
                      r"not '16.9'"):
     common.apply_overrides(c, ["n=16.9"])
   assert common.apply_overrides(c, ["n=16.0"]).n == 16
@@ -57,8 +57,20 @@ def _cli(*args):
 def test_bad_values_are_one_line_and_exit_2(tmp_path):
   for args, says in [
       (["--restarts=0"], "--restarts=0: use 1 or more."),
-      (["--set=preset=../../x"], "preset='../../x': names a path"),
+      (["--preset=../../x"], "unknown preset '../../x'"),
+      (["--config.preset=quick"], "--config.preset=quick: a preset is a "
+       "whole config, not one entry; use --preset=quick"),
       (["--method=nope"], "unknown method 'nope'"),
+      (["--config.steps=16.9"], "--config.steps=16.9: invalid literal for "
+       "int()"),
+      (["--config.data.bogus=1"], "--config.data.bogus: no such config "
+       "entry ('bogus')"),
+      (["--config=experiments/configs/colored_mnist.py:vrex,quick,x"],
+       "give METHOD,PRESET after the colon"),
+      (["--config=experiments/configs/colored_mnist.py:vrex",
+        "--method=erm"], "--method=erm and --config=experiments/configs/"
+       "colored_mnist.py:vrex choose different methods"),
+      (["--bogus_flag=1"], "Unknown command line flag 'bogus_flag'"),
   ]:
     p = _cli("--preset=quick", f"--output_dir={tmp_path / 'o'}", *args)
     assert p.returncode == 2, (args, p.stderr[-2000:])
@@ -80,6 +92,9 @@ def test_bad_values_are_one_line_and_exit_2(tmp_path):
      "sets model to 'tiny'"),
     ("sparse_irm", ["--data_num=20000"], "--data_num=20000: --preset=quick "
      "sets data_num to 2000"),
+    ("cifar_mnist", ["--config.ramp=ture"], "--config.ramp=ture: "
+     "('Non-boolean argument to boolean flag', 'ture'); use true or false."),
+    ("irm_tv", ["--config.bogus=1"], "--config.bogus: no such config entry"),
 ])
 def test_flag_a_preset_would_override_is_refused(tmp_path, module, args,
                                                  says):
@@ -142,7 +157,9 @@ def test_slurm_script_passes_every_value_byte_for_byte(tmp_path):
   note = f"$(touch {marker}) `touch {marker}` \"q\" 'q' ; echo $HOME"
   args = ["--experiment=colored_mnist", "--method=irmv1", "--preset=quick",
           "--grid=penalty_weight=10,100", "--restarts=1",
-          f"--output_dir={out}", f"--set=note={note}"]
+          f"--output_dir={out}",
+          "--config=experiments/configs/colored_mnist.py",
+          f"--config.note={note}"]
   subprocess.run([sys.executable, "-m", "experiments.sweep", *args,
                   "--backend=slurm"], env=dict(os.environ, PYTHONPATH=ROOT),
                  check=True, capture_output=True, timeout=120, cwd=ROOT)

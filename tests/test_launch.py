@@ -148,10 +148,12 @@ def test_registry_defaults_and_seeded_random_points():
 
 
 def _sweep_cmd(out, backend, *extra):
-  return [sys.executable, "-m", "experiments.sweep", "--experiment=irm_tv",
+  return [sys.executable, "-m", "experiments.sweep",
+          "--config=experiments/configs/irm_tv.py",
           "--method=irmv1", "--preset=quick", "--grid=penalty_weight=10,100",
           "--restarts=3", f"--backend={backend}", f"--output_dir={out}",
-          "--set=steps=1200", "--set=eval_every=100", "--set=anneal=600",
+          "--config.steps=1200", "--config.eval_every=100",
+          "--config.anneal=600",
           *extra]
 
 

@@ -55,3 +55,31 @@ def test_cifar_mnist_on_real_data(envs, ratios, test_num):
   # The MNIST half is a 0/1 digit padded by 2 pixels; the bottom is CIFAR.
   assert np.all(s.train.x[:, :, :2] == 0)
   assert s.train.x[:, :, 40:].std() > 0.1
+
+
+@pytest.mark.skipif(_data_dir() is None, reason="no prepared tfds mnist")
+def test_config_file_argument_and_overrides_reach_the_record(tmp_path):
+  """``--config=FILE:METHOD,PRESET --config.KEY=VALUE`` end to end: the
+  record holds the chosen method and preset and the typed overrides."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "o"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.colored_mnist",
+       "--config=experiments/configs/colored_mnist.py:vrex,quick",
+       "--config.steps=4", "--config.eval_every=2",
+       "--config.data.data_num=1000", "--restarts=1", "--progress=false",
+       f"--output_dir={out}"],
+      capture_output=True, text=True, timeout=300, cwd=root,
+      env=dict(os.environ, PYTHONPATH=root, TFDS_DATA_DIR=_data_dir()))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(l) for l in open(out / "results.jsonl")]
+  assert {r["method"] for r in records} == {"vrex"}
+  assert {r["preset"] for r in records} == {"quick"}
+  config = records[0]["config"]
+  assert config["steps"] == 4 and config["eval_every"] == 2
+  assert config["data"]["data_num"] == 1000
+  assert isinstance(config["data"]["data_num"], int)

@@ -10,10 +10,10 @@ Presets:
           --model=resnet18 --envs=2 --restarts=2 --output_dir=/tmp/cifar
 
   * ``irmbed``: the paper's protocol for GPU machines: ImageNet-pretrained
-    torchvision weights (``--set=pretrained=/path/resnet18.pth``), 224x224
+    torchvision weights (``--config.pretrained=/path/resnet18.pth``), 224x224
     random-resized crops + flips + ImageNet normalisation, SGD lr 0.01
     momentum 0.9, 100 epochs, batch 128 (ResNet-18) / 32 (ResNet-50), penalty
-    weight searched in 1..1e5 (``--set=penalty_weight=...``).
+    weight searched in 1..1e5 (``--config.penalty_weight=...``).
   * ``quick``: tiny ResNet on 400 images for smoke tests.
 
 Expected (IRMBed Table 1, R18 2Env, pretrained): oracle 83.7, ERM 39.5,
@@ -22,6 +22,8 @@ InvRat-EB(h) 77.6, InvRat-EC(o) 67.5, InvRat-EC(h) 75.8.
 """
 
 import ml_collections
+
+from experiments.configs import config_string
 
 from jirm.methods import registry
 
@@ -79,6 +81,7 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+@config_string
 def get_config(method: str = "erm", preset: str = "cpu", model: str =
                "resnet18", envs: int = 2) -> ml_collections.ConfigDict:
   """Config of ``method`` under ``preset`` ('cpu', 'irmbed' or 'quick')."""

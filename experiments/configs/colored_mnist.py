@@ -18,6 +18,8 @@ below and in every results line.
 
 import ml_collections
 
+from experiments.configs import config_string
+
 IRM_FLAGS = dict(hidden_dim=390, l2=0.00110794568, lr=0.0004898536566546834,
                  anneal=190, penalty_weight=91257.18613115903, steps=501)
 REX_FLAGS = dict(hidden_dim=256, l2=0.001, lr=0.001, anneal=100,
@@ -51,6 +53,7 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+@config_string
 def get_config(method: str = "irmv1", preset: str = "paper"):
   """Config of ``method`` under ``preset`` ('paper' or 'quick')."""
   c = base()

@@ -28,6 +28,8 @@ Published (OOD-TV-IRM paper, 10 runs, mean / worst test accuracy): IRM
 
 import ml_collections
 
+from experiments.configs import config_string
+
 # name -> (penalty, envs, learned_lambda, oracle)
 METHODS = {
     "erm": (None, "given", False, False),
@@ -44,6 +46,7 @@ METHODS = {
 PRESETS = ("paper", "p07", "quick")
 
 
+@config_string
 def get_config(method: str = "irm_tv_l1", preset: str = "paper"):
   """One restart's config."""
   if method not in METHODS:

@@ -4,7 +4,7 @@ ColoredObject).
 Presets:
   * ``paper``: the literature's protocol. Waterbirds / CelebA: ResNet-50 at
     224x224, ImageNet-pretrained torchvision weights
-    (``--set=pretrained=/path/resnet50.pth``, converted by
+    (``--config.pretrained=/path/resnet50.pth``, converted by
     :mod:`jirm.convert`), SGD momentum 0.9, batch 128, GroupDRO eta 0.01
     (Sagawa et al. 2020: Waterbirds lr 1e-3, weight decay 1e-4, 300 epochs;
     CelebA lr 1e-4, weight decay 1e-4, 50 epochs). ColoredObject (BIRM):
@@ -18,6 +18,8 @@ Presets:
 
 import ml_collections
 
+from experiments.configs import config_string
+
 from jirm.methods import registry
 
 DATASETS = ("waterbirds", "celeba", "colored_object")
@@ -26,6 +28,7 @@ METHODS = registry.names("shift")
 TRAIN_SIZES = dict(waterbirds=4795, celeba=162_770, colored_object=12_000)
 
 
+@config_string
 def get_config(method: str = "erm", preset: str = "cpu",
                dataset: str = "waterbirds") -> ml_collections.ConfigDict:
   """Config of ``method`` on ``dataset`` under ``preset``."""

@@ -12,6 +12,8 @@ Preset ``quick`` shrinks everything for smoke tests.
 
 import ml_collections
 
+from experiments.configs import config_string
+
 from jirm.methods import registry
 
 METHODS = registry.names("sparse_irm")
@@ -19,6 +21,7 @@ METHODS = registry.names("sparse_irm")
 PENALTIES = {"irmv1": dict(variant="env_scale"), "vrex": dict(variant="var")}
 
 
+@config_string
 def get_config(method: str = "sparse_irm", preset: str = "paper",
                penalty: str = "irmv1", dataset: str = "cmnist",
                hidden_dim: int = 390, data_num: int = 50_000):
