@@ -64,7 +64,7 @@ def test_overrides_and_bad_values():
       configs.get_config("erm", "quick"),
       ["lr=0.5", "data.data_num=123"])
   assert c.lr == 0.5 and c.data.data_num == 123
-  with pytest.raises(ValueError, match="expected key=value"):
+  with pytest.raises(ValueError, match="expected --config.KEY=VALUE"):
     common.apply_overrides(configs.get_config("erm", "quick"),
                                    ["lr"])
   with pytest.raises(ValueError, match="unknown preset"):
