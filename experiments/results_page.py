@@ -57,7 +57,7 @@ STUDIES = collections.OrderedDict([
                                  "--config.lr_schedule=constant --output_dir=DIR",
                                  "docs/cifar_mnist.md")),
     ("sparse_irm", ("sparse_irm", "SparseIRM MLP table (Zhou et al. 2022)",
-                    "python -m experiments.sparse_irm --methods=irm,"
+                    "python -m experiments.sparse_irm --methods=irmv1,"
                     "sparse_irm --hidden=390,640 --output_dir=DIR",
                     "docs/sparse_irm.md")),
     ("irm_tv", ("irm_tv", "IRM-TV, Minimax-TV / ZIN, OOD-TV (Lai & Wang)",
