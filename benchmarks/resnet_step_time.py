@@ -8,7 +8,7 @@ variants alike; the median per variant is reported):
     (momentum) step of sigmoid BCE on a linear head, BatchNorm in train mode,
     for jirm with ``lowering='auto'`` (small convolutions as patches + one
     matmul), jirm with ``lowering='xla'`` (stock ``lax.conv``) and the same
-    network in plain PyTorch (:mod:`jirm.torch_resnet`). Targets (issue 3):
+    network in plain PyTorch (:mod:`jirm.models.torch_resnet`). Targets (issue 3):
     jirm / torch <= 1.0 (ResNet-18) and <= 0.9 (ResNet-50).
   * Every CIFAR-MNIST method's jitted step on ResNet-18 (2 envs x 64) divided
     by ERM's (target: InvRat-EC <= 1.3x).
@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jirm import deep
-from jirm import objectives as O
+from jirm.methods import deep
 from jirm import runtime
 from jirm import train as train_lib
+from jirm import models
 
 flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds.")
 flags.DEFINE_integer("steps_per_round", 3, "Steps per variant per round.")
@@ -43,7 +43,7 @@ FLAGS = flags.FLAGS
 
 
 def _jax_step(arch, batch, lowering):
-  model = deep.deep_model(arch, lowering=lowering)
+  model = models.deep_model(arch, lowering=lowering)
   x = jnp.asarray(np.random.default_rng(0).random((batch, 64, 32, 3),
                                                   np.float32))
   y = jnp.asarray(np.arange(batch) % 2, jnp.float32)
@@ -70,7 +70,7 @@ def _jax_step(arch, batch, lowering):
 
 def _torch_step(arch, batch):
   import torch  # pylint: disable=g-import-not-at-top
-  from jirm import torch_resnet  # pylint: disable=g-import-not-at-top
+  from jirm.models import torch_resnet  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   model = getattr(torch_resnet, arch)(num_classes=1)
   model.train()

@@ -4,7 +4,7 @@ r"""SparseIRM step time vs the dense IRMv1 step on the same MLP.
 
 One run, interleaved rounds, median per variant: the jitted full-batch step
 of dense IRMv1 (``jirm.train.make_train_step``) and of SparseIRM with the
-same objective (``jirm.sparse.make_step``: relaxed masks on all three
+same objective (``jirm.methods.sparse.make_step``: relaxed masks on all three
 weight matrices, two Adam optimizers, projection onto the budget).
 Target (issue 4): SparseIRM <= 1.5x dense.
 """
@@ -21,9 +21,9 @@ import numpy as np
 import optax
 
 import jirm
-from jirm import masks
+from jirm.methods import masks
 from jirm import runtime
-from jirm import sparse
+from jirm.methods import sparse
 from jirm import train as train_lib
 
 flags.DEFINE_integer("n", 50_000, "Training samples (two envs).")

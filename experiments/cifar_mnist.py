@@ -22,9 +22,10 @@ import optax
 from experiments import common
 from experiments.configs import cifar_mnist as configs
 import jirm
-from jirm import deep
+from jirm.methods import deep
 from jirm import results as results_lib
 from jirm import schedules
+from jirm import models
 
 # IRMBed Table 1: (R18 2Env, R18 4Env, R50 2Env, R50 4Env).
 PUBLISHED = {
@@ -72,7 +73,7 @@ def define_flags():
 
 def build_run(config, seed=0, data_dir=None, sources=None):
   """Config -> (splits, model, objective, optimizer, fit kwargs)."""
-  # IPG trains the ERM model and objective with its own step (jirm.ipg).
+  # IPG trains the ERM model and objective with its own step (jirm.methods.ipg).
   name = "erm" if config.method == "ipg" else config.method
   method = deep.DEEP_METHODS[name]
   d = config.data
@@ -81,7 +82,7 @@ def build_run(config, seed=0, data_dir=None, sources=None):
       val=d.val, val_fraction=d.val_fraction, train_num=d.train_num,
       test_num=d.test_num or None, data_dir=data_dir, sources=sources)
   num_envs = splits.train.num_envs
-  model = deep.deep_model(config.model, head=method.head, num_envs=num_envs,
+  model = models.deep_model(config.model, head=method.head, num_envs=num_envs,
                           stem=config.stem, lowering=config.lowering,
                           width=config.width or None,
                           head_hidden=config.eb_hidden)
@@ -116,12 +117,12 @@ def build_run(config, seed=0, data_dir=None, sources=None):
     raise ValueError(f"optimizer={config.optimizer!r}: use 'adam' or 'sgd'.")
   init_params = None
   if config.pretrained:
-    from jirm import convert  # pylint: disable=g-import-not-at-top
+    from jirm.models import convert  # pylint: disable=g-import-not-at-top
     init_params = convert.load_torchvision_resnet(config.pretrained,
                                                   config.model)
   step_factory = None
   if config.method == "ipg":
-    from jirm import ipg  # pylint: disable=g-import-not-at-top
+    from jirm.methods import ipg  # pylint: disable=g-import-not-at-top
     p = config.ipg
     pairs = ipg.cifar_mnist_pairs(splits.train, num_pairs=p.num_pairs or None,
                                   seed=seed)
@@ -138,7 +139,7 @@ def build_run(config, seed=0, data_dir=None, sources=None):
 
 def build_method(config, seed=0, data_dir=None, sources=None):
   """Config -> :class:`experiments.common.Built`: the data of restart
-  ``seed``, the :class:`jirm.methods.Method` (a :func:`jirm.deep.
+  ``seed``, the :class:`jirm.methods.Method` (a :func:`jirm.methods.deep.
   deep_method`; IPG's step for ``ipg``) and the trainer arguments (steps,
   evaluation) that :func:`run_restart` passes to :func:`jirm.fit`. The
   capability-matrix test builds every method through it.
@@ -157,7 +158,7 @@ def build_method(config, seed=0, data_dir=None, sources=None):
       init_params=kw["init_params"], step_factory=kw["step_factory"])
   desc = objective.describe()
   if config.method == "ipg":
-    from jirm import ipg  # pylint: disable=g-import-not-at-top
+    from jirm.methods import ipg  # pylint: disable=g-import-not-at-top
     desc = ipg.describe(objective, **config.ipg.to_dict())
   fit_kw = dict(steps=kw["steps"], eval_every=kw["eval_every"],
                 eval_chunk=100 if kw["transform"] == "irmbed" else 500,

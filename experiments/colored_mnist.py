@@ -122,7 +122,7 @@ def build_method(config, seed=0, data_dir=None, mnist=None):
   jirm.train.check_batch_size(batch_size, splits.train)
   fit_kw = dict(steps=config.steps, eval_every=config.eval_every)
   if config.method in GAME_METHODS:
-    from jirm import irm_games  # pylint: disable=g-import-not-at-top
+    from jirm.methods import irm_games  # pylint: disable=g-import-not-at-top
     g = config.game
     method = irm_games.irm_game(
         variant=g.variant, task=splits.task, hidden_dim=config.hidden_dim,
@@ -132,7 +132,7 @@ def build_method(config, seed=0, data_dir=None, mnist=None):
                         fit_kw, {})
   model = jirm.models.mlp(config.hidden_dim, config.depth)
   if config.method == "ipg":
-    from jirm import ipg  # pylint: disable=g-import-not-at-top
+    from jirm.methods import ipg  # pylint: disable=g-import-not-at-top
     p = config.ipg
     objective = jirm.erm(reduction=config.erm_reduction) + config.l2 * jirm.l2
     if p.penalty != "none":  # IPG around a registered penalty.
@@ -182,7 +182,7 @@ def records_of(res, config, seed, built, info, wall, **extra):
   add their stop rule first). ``run_restart`` and the sweep's vmap backend
   both write these."""
   if config.method in GAME_METHODS:
-    from jirm import irm_games  # pylint: disable=g-import-not-at-top
+    from jirm.methods import irm_games  # pylint: disable=g-import-not-at-top
     irm_games.add_game_stop(res, warm_start=config.game.warm_start,
                             threshold=config.game.threshold)
   records = common.records_from_fit(res, config, seed, built.describe, info,

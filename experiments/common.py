@@ -96,12 +96,8 @@ def define_config_flag(experiment: Optional[str], flag_values=None) -> None:
         **({} if flag_values is None else dict(flag_values=flag_values)))
   except (AttributeError, KeyError) as e:  # An entry the config lacks.
     missing = str(e).strip("\"'")
-    given = [a.split("=", 1)[0] for a in sys.argv[1:]
-             if a.startswith("--config.")]
-    named = [a for a in given if missing in a[len("--config."):].split(".")]
-    print(f"error: {(named or given or ['--config'])[0]}: no such config "
-          f"entry ({missing!r}) in {default or 'the --config file'}; "
-          f"`--helpfull` lists them (as --config.KEY).", file=sys.stderr)
+    print(f"error: {_no_such_entry(sys.argv, missing, default)}",
+          file=sys.stderr)
     sys.exit(2)
 
 
@@ -192,27 +188,48 @@ def parse_flags(argv):
       message += (" --config.KEY=VALUE needs a config file: "
                   "--config=experiments/configs/<experiment>.py first.")
   except (AttributeError, KeyError) as e:  # config_flags: an unknown entry.
-    given = [a for a in argv[1:] if a.startswith("--config.")]
-    message = (f"{_unknown_entry(given) or e}: no such config entry; "
-               f"`--helpfull` lists them (as --config.KEY).")
+    files = [a.split("=", 1)[1].split(":", 1)[0] for a in argv[1:]
+             if a.startswith("--config=")]
+    message = _no_such_entry(
+        argv, _unknown_entry(argv) or str(e).strip("\"'"),
+        files[-1] if files else None)
   except ValueError as e:  # A config file's get_config refused its argument.
     message = str(e)
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
 
 
-def _unknown_entry(given):
-  """The first ``--config.KEY=...`` of ``given`` whose KEY the loaded config
-  lacks (None if it cannot tell)."""
+def _unknown_entry(argv):
+  """The first part of a ``--config.KEY=...`` argument of ``argv`` that the
+  loaded config lacks (``'bogus'`` for ``--config.data.bogus=1``; None if
+  every KEY is there)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS["config"].value
-  for arg in given:
+  if config is None:  # Not loaded yet: the caller falls back on the error.
+    return None
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
     node = config
     for part in arg[len("--config."):].split("=", 1)[0].split("."):
-      if node is None or not hasattr(node, "keys") or part not in node:
-        return arg
+      if not hasattr(node, "keys") or part not in node:
+        return part
       node = node[part]
   return None
+
+
+def _no_such_entry(argv, missing: str, source) -> str:
+  """The one line for a ``--config.KEY`` whose entry ``missing`` the config
+  file ``source`` lacks, naming the argument that holds it (both paths that
+  meet one: config_flags at flag definition, absl at parse time)."""
+  given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+  named = [a for a in given if missing in a[len("--config."):].split(".")]
+  if not named:  # config_flags' own text ("... Attempting to lookup: KEY").
+    named = [a for a in given if missing.endswith(a[len("--config."):])]
+    missing = named[0][len("--config."):] if named else missing
+  return (f"{(named or given or ['--config'])[0]}: no such config entry "
+          f"({missing!r}) in {source or 'the --config file'}; `--helpfull` "
+          f"lists them (as --config.KEY).")
 
 
 def parse_grid(items) -> dict:
@@ -405,7 +422,7 @@ class Built(NamedTuple):
   description, the trainer arguments for :func:`jirm.fit` (steps,
   evaluation), extra record fields and, where the study has its own rules,
   ``select(history, env_names) -> selections`` (e.g.
-  :func:`jirm.irm_tv.select`; None: :func:`jirm.selection.select`)."""
+  :func:`jirm.methods.irm_tv.select`; None: :func:`jirm.selection.select`)."""
 
   splits: Any
   method: Any

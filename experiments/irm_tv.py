@@ -31,7 +31,7 @@ import numpy as np
 from experiments import common
 from experiments.configs import irm_tv as configs
 import jirm
-from jirm import irm_tv
+from jirm.methods import irm_tv
 from jirm import results as results_lib
 
 METHODS_ALL = tuple(configs.METHODS)
@@ -65,7 +65,7 @@ def define_flags():
 
 
 def _tv_method(config) -> irm_tv.TVMethod:
-  """Config -> :func:`jirm.irm_tv.tv_method` (keyword arguments only)."""
+  """Config -> :func:`jirm.methods.irm_tv.tv_method` (keyword arguments only)."""
   return irm_tv.tv_method(
       penalty=None if config.penalty == "none" else config.penalty,
       envs=config.envs, weight=config.penalty_weight, anneal=config.anneal,
@@ -88,9 +88,9 @@ _METHOD_CACHE = {}
 
 def build_method(config, seed=0) -> common.Built:
   """Config -> :class:`experiments.common.Built`: restart ``seed``'s
-  synthetic environments and the :func:`jirm.irm_tv.tv_method` (cached per
+  synthetic environments and the :func:`jirm.methods.irm_tv.tv_method` (cached per
   config, so restarts reuse the compiled scan run), trained by
-  :func:`jirm.fit`'s scan runner and selected by :func:`jirm.irm_tv.select`
+  :func:`jirm.fit`'s scan runner and selected by :func:`jirm.methods.irm_tv.select`
   (adds the worst test environment and the ``oracle_worst`` rule). The
   capability-matrix test builds every method through it.
 

@@ -27,9 +27,10 @@ from absl import flags
 
 from experiments import common
 from experiments.configs import shift as configs
-from jirm import deep
+from jirm.methods import deep
 from jirm import results as results_lib
 from jirm.data import shift as shift_data
+from jirm import models
 
 FLAGS = flags.FLAGS
 RULES = ("last", "val_worst_group", "oracle")
@@ -80,7 +81,7 @@ def build_run(config, root, seed):
                                   anneal=config.anneal)
   objective, game = deep.build_method(base, schedule=sched,
                                       eta=config.group_dro_eta)
-  model = deep.deep_model(config.model, stem=config.stem)
+  model = models.deep_model(config.model, stem=config.stem)
   if config.optimizer == "sgd":
     opt = optax.sgd(config.lr, config.momentum)
   elif config.optimizer == "adam":
@@ -91,7 +92,7 @@ def build_run(config, root, seed):
     opt = optax.chain(optax.add_decayed_weights(config.weight_decay), opt)
   factory = None
   if config.method.startswith("ipg"):
-    from jirm import ipg  # pylint: disable=g-import-not-at-top
+    from jirm.methods import ipg  # pylint: disable=g-import-not-at-top
     p = config.ipg
     source = splits.val if p.source == "val" else splits.train
     if source is None:
@@ -105,7 +106,7 @@ def build_run(config, root, seed):
 
 def build_method(config, seed=0, data_dir=None):
   """Config -> :class:`experiments.common.Built`: the dataset under
-  ``data_dir``, the :class:`jirm.methods.Method` (a :func:`jirm.deep.
+  ``data_dir``, the :class:`jirm.methods.Method` (a :func:`jirm.methods.deep.
   deep_method`; GroupDRO's weights and IPG's pair step in its state and
   update) and the trainer arguments that :func:`run_restart` passes to
   :func:`jirm.fit`. The capability-matrix test builds every method through
@@ -120,7 +121,7 @@ def build_method(config, seed=0, data_dir=None):
                                                            seed)
   init_params = None
   if config.pretrained:
-    from jirm import convert  # pylint: disable=g-import-not-at-top
+    from jirm.models import convert  # pylint: disable=g-import-not-at-top
     init_params = convert.load_torchvision_resnet(config.pretrained,
                                                   config.model)
   batch = min(config.batch_size, min(splits.train.sizes))

@@ -31,9 +31,9 @@ import optax
 from experiments import common
 from experiments.configs import sparse_irm as configs
 import jirm
-from jirm import masks as masks_lib
+from jirm.methods import masks as masks_lib
 from jirm import results as results_lib
-from jirm import sparse
+from jirm.methods import sparse
 from jirm.methods import registry
 
 # SPEC §7, ColoredMNIST 50000, hidden 64/160/256/390/512/640.
@@ -111,7 +111,7 @@ def build_objective(config):
 
 def score_optimizer(config):
   """Adam on the scores; ``score_warmup > 0`` adds a linear learning-rate
-  warm-up, which starts when the scores unfreeze (:func:`jirm.sparse.make_step`
+  warm-up, which starts when the scores unfreeze (:func:`jirm.methods.sparse.make_step`
   keeps the optimizer state, and so the schedule's count, frozen before)."""
   lr = (optax.linear_schedule(0.0, config.score_lr, config.score_warmup)
         if config.score_warmup else config.score_lr)
@@ -121,8 +121,8 @@ def score_optimizer(config):
 def build_method(config, seed=0, data_dir=None, mnist=None):
   """Config -> :class:`experiments.common.Built`: the dense baselines (ERM,
   oracle, IRMv1: :func:`jirm.methods.from_objective`), the masked methods
-  (SparseIRM, SparseERM: :func:`jirm.sparse.sparse_method`) and MRM
-  (:func:`jirm.sparse.mrm_method`: dense, mask and retrain phases, trained
+  (SparseIRM, SparseERM: :func:`jirm.methods.sparse.sparse_method`) and MRM
+  (:func:`jirm.methods.sparse.mrm_method`: dense, mask and retrain phases, trained
   for their summed steps), which :func:`run_restart` trains with
   :func:`jirm.fit`. The capability-matrix test builds them through it.
 

@@ -12,13 +12,9 @@ Compose objectives from pure terms, make them (or any stateful method) a
 """
 
 from jirm import data
-from jirm import deep
-from jirm import irm_games
-from jirm import irm_tv
 from jirm import methods
 from jirm import models
 from jirm import objectives
-from jirm import resnet
 from jirm import results
 from jirm import runtime
 from jirm import schedules

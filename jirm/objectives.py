@@ -196,7 +196,7 @@ def _irmv1_head(out: Outputs):
   """
   if out.features is None or out.head is None or out.head_params is None:
     raise ValueError("irmv1_h needs Outputs.features, .head and "
-                     ".head_params (a deep model from jirm.deep).")
+                     ".head_params (a deep model from jirm.methods.deep).")
 
   def env_grads(feats_BD, labels_B, valid_B):
     def risk(hp):

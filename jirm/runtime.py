@@ -97,7 +97,7 @@ def configure_cpu(xla_flags: bool = True, host_memory: bool = True) -> bool:
 def eigen_convolutions() -> bool:
   """Whether ``XLA_FLAGS`` sends convolutions to Eigen (see module doc).
 
-  :func:`jirm.resnet.conv2d` uses it to pick the stem's lowering.
+  :func:`jirm.models.resnet.conv2d` uses it to pick the stem's lowering.
   """
   for flag in os.environ.get("XLA_FLAGS", "").split():
     if flag.startswith(_YNN_FLAG + "="):

@@ -16,8 +16,8 @@ Domain Generalization", for the first and the test-selected ones):
 * ``oracle_train_gt60``: SparseIRM's rule, best test accuracy among points
   with train accuracy > 0.6 (reads the test set).
 
-Studies add their own rules on top (:func:`jirm.irm_tv.select`,
-:func:`jirm.irm_games.add_game_stop`). This module sits below the trainer:
+Studies add their own rules on top (:func:`jirm.methods.irm_tv.select`,
+:func:`jirm.methods.irm_games.add_game_stop`). This module sits below the trainer:
 methods may import it.
 
 Example:

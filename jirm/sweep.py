@@ -41,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jirm import data as data_lib
 from jirm import objectives
 from jirm import selection
 from jirm import train as train_lib

@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
 from typing import Any, Optional

@@ -55,7 +55,7 @@ def trace(args):
   import optax  # pylint: disable=g-import-not-at-top
   from experiments import cifar_mnist  # pylint: disable=g-import-not-at-top
   from experiments.configs import cifar_mnist as configs  # pylint: disable=g-import-not-at-top
-  from jirm import deep  # pylint: disable=g-import-not-at-top
+  from jirm.methods import deep  # pylint: disable=g-import-not-at-top
   from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
   print("jirm from", os.path.dirname(jirm.__file__), "jax", jax.__version__)
 

@@ -24,9 +24,9 @@ import optax
 import jirm
 from experiments import sparse_irm as exp
 from experiments.configs import sparse_irm as cfg
-from jirm import masks
+from jirm.methods import masks
 from jirm import objectives
-from jirm import sparse
+from jirm.methods import sparse
 from jirm import train as train_lib
 
 

@@ -69,7 +69,7 @@ def plot(jsons, jax_results, out):
     c = jax_curves.get((run["hidden"], run["seed"]))
     if c:
       ax.plot(c["step"], 100 * np.asarray(c["test_acc"]), lw=0.7,
-              label="jirm.sparse.fit")
+              label="jirm.methods.sparse.fit")
     ax.axvline(200, color="k", ls=":", lw=0.8)
     ax.axvline(0.28 * run["epochs"], color="k", ls="--", lw=0.8)
     ax.set(xlabel="step (dotted: penalty on; dashed: scores unfreeze)",

@@ -19,6 +19,8 @@ import jirm  # pylint: disable=g-import-not-at-top
 from jirm import sharding  # pylint: disable=g-import-not-at-top
 from jirm import sweep  # pylint: disable=g-import-not-at-top
 from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
+from jirm import models
+from jirm.methods import games
 from test_methods import PENALTIES  # pylint: disable=g-import-not-at-top
 
 
@@ -87,15 +89,15 @@ def main():
   # A deep method (tiny ResNet, BatchNorm, InvRat-EC(h)'s env heads) through
   # the same trainer: 8 devices equal one, batch statistics included. 128
   # samples per env: no padding rows, so the epoch permutations are the same.
-  from jirm import deep  # pylint: disable=g-import-not-at-top
+  from jirm.methods import deep  # pylint: disable=g-import-not-at-top
   cm = jirm.data.cifar_mnist(
       seed=0, train_num=256, test_num=40, val="none",
       sources=jirm.data.synthetic_cifar_mnist_sources(num_per_class=300,
                                                       seed=0))
-  game = deep.invrat_ec(level="h")
+  game = games.invrat_ec(level="h")
   obj = jirm.erm(reduction="pooled") + jirm.schedules.preset(
       "lin", weight=10.0, anneal=1) * game.term
-  method = deep.deep_method(deep.deep_model("tiny"), obj, optax.adam(1e-3),
+  method = deep.deep_method(models.deep_model("tiny"), obj, optax.adam(1e-3),
                             batch_size=16, game=game, anneal_step=1,
                             head_update="frozen")
   kw = dict(steps=3, eval_every=3, eval_chunk=40)

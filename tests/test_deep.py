@@ -1,6 +1,5 @@
 """Deep models: ResNets, conv lowering, converter, CIFAR-MNIST, deep methods."""
 
-import functools
 
 import chex
 import flax.linen as nn
@@ -11,11 +10,13 @@ import optax
 import pytest
 
 from jirm import data
-from jirm import deep
+from jirm.methods import deep
 from jirm import objectives as O
-from jirm import resnet
+from jirm.models import resnet
 from jirm import schedules
 from jirm import train as train_lib
+from jirm import models
+from jirm.methods import games
 
 
 def _num_params(tree):
@@ -26,7 +27,7 @@ def _num_params(tree):
                                            ("resnet50", 25_557_032)])
 def test_resnet_parameter_count_equals_torchvision(arch, expected):
   # torchvision.models.resnet18/50(num_classes=1000): 11,689,512 / 25,557,032.
-  model = deep.DeepModel(resnet.encoder(arch), resnet.LinearHead(1000))
+  model = models.DeepModel(resnet.encoder(arch), models.LinearHead(1000))
   params, stats = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
   assert _num_params(params) == expected
@@ -177,7 +178,7 @@ def test_resnet18_train_step_matches_standard_layers_in_float64():
   # gradient and every updated running statistic. Float32 rounding is ~4e-6
   # (the same for standard float32 layers); a wrong formula is off by O(1),
   # a biased running variance by 1/(n-1) >= 4e-3.
-  model = deep.deep_model("resnet18", width=8)  # lowering='auto'.
+  model = models.deep_model("resnet18", width=8)  # lowering='auto'.
   x = jax.random.uniform(jax.random.key(0), (2, 8, 64, 32, 3))
   y = (jax.random.uniform(jax.random.key(1), (2, 8)) < 0.5).astype(jnp.int32)
   batch = train_lib.EnvArrays(x, y, jnp.ones((2, 8)))
@@ -252,8 +253,8 @@ def test_runtime_flag_parsing(monkeypatch):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_torchvision_converter_parity(arch):
   torch = pytest.importorskip("torch")
-  from jirm import convert  # pylint: disable=g-import-not-at-top
-  from jirm import torch_resnet  # pylint: disable=g-import-not-at-top
+  from jirm.models import convert  # pylint: disable=g-import-not-at-top
+  from jirm.models import torch_resnet  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   tm = getattr(torch_resnet, arch)(num_classes=1)
   for m in tm.modules():  # Non-trivial running statistics.
@@ -264,7 +265,7 @@ def test_torchvision_converter_parity(arch):
       m.bias.data.uniform_(-0.2, 0.2)
   tm.eval()
   sd = {k: v.numpy() for k, v in tm.state_dict().items()}
-  model = deep.deep_model(arch)
+  model = models.deep_model(arch)
   params, stats = convert.from_torchvision(sd, model)
   x = np.random.default_rng(0).random((4, 3, 64, 32), np.float32)
   with torch.no_grad():
@@ -276,10 +277,10 @@ def test_torchvision_converter_parity(arch):
 
 
 def test_converter_rejects_wrong_architecture():
-  from jirm import convert  # pylint: disable=g-import-not-at-top
+  from jirm.models import convert  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="unexpected key 'features.0.weight'"):
     convert.from_torchvision({"features.0.weight": np.zeros((1,))},
-                             deep.deep_model("resnet18"))
+                             models.deep_model("resnet18"))
 
 
 # ----------------------------------------------------------------------------
@@ -372,7 +373,7 @@ def test_irmv1_h_matches_hand_computation():
   feats = rng.normal(size=(2, 6, 3)).astype(np.float32)
   labels = rng.integers(0, 2, (2, 6)).astype(np.int32)
   w, b = rng.normal(size=(3, 1)).astype(np.float32), np.float32([0.3])
-  head = resnet.LinearHead()
+  head = models.LinearHead()
   hp = {"params": {"fc": {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}}}
   logits = jnp.einsum("ebd,dc->ebc", feats, w) + b[None, None]
   out = O.Outputs(logits, jnp.asarray(labels), jnp.ones((2, 6)),
@@ -420,11 +421,11 @@ def _game_term_encoder_grad(model, game, term, batch, env_grad=True):
 def test_invrat_penalty_moves_encoder(name):
   batch = _tiny_batch()
   if name == "invrat_eb":
-    game = deep.invrat_eb(embed_dim=4, hidden=8, lr=0.5, num_inners=20)
-    model = deep.deep_model("tiny", head="mlp", head_hidden=8)
+    game = games.invrat_eb(embed_dim=4, hidden=8, lr=0.5, num_inners=20)
+    model = models.deep_model("tiny", head="mlp", head_hidden=8)
   else:
-    game = deep.invrat_ec(name[-1], lr=0.5, num_inners=20)
-    model = deep.deep_model("tiny")
+    game = games.invrat_ec(name[-1], lr=0.5, num_inners=20)
+    model = models.deep_model("tiny")
   value, g = _game_term_encoder_grad(model, game, game.term, batch)
   assert value > 0  # The env predictors beat the shared head.
   assert sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g)) > 0
@@ -432,8 +433,8 @@ def test_invrat_penalty_moves_encoder(name):
 
 def test_invrat_env_grad_option():
   batch = _tiny_batch()
-  model = deep.deep_model("tiny")
-  game = deep.invrat_ec("h", lr=0.5, num_inners=20)
+  model = models.deep_model("tiny")
+  game = games.invrat_ec("h", lr=0.5, num_inners=20)
   _, g_on = _game_term_encoder_grad(model, game, game.term, batch, True)
   _, g_off = _game_term_encoder_grad(model, game, game.term, batch, False)
   params, stats = jax.jit(model.init)(jax.random.key(0), batch.x[0, :1])
@@ -450,8 +451,8 @@ def test_invrat_env_grad_option():
 
 
 def test_invrat_ec_resets_env_heads_to_shared_head():
-  game = deep.invrat_ec("h", num_inners=0)
-  model = deep.deep_model("tiny")
+  game = games.invrat_ec("h", num_inners=0)
+  model = models.deep_model("tiny")
   batch = _tiny_batch()
   params, _ = model.init(jax.random.key(0), batch.x[0, :1])
   state = game.init(None, jax.tree.map(jnp.zeros_like, params["head"]), 16, 2)
@@ -467,11 +468,11 @@ def test_invrat_ec_resets_env_heads_to_shared_head():
 
 
 def test_irm_game_first_player_step_is_manual_sgd():
-  model = deep.deep_model("tiny", head="ensemble", num_envs=2)
+  model = models.deep_model("tiny", head="ensemble", num_envs=2)
   batch = _tiny_batch()
   params, stats = model.init(jax.random.key(0), batch.x[0, :1])
   feats, logits, _ = deep._forward(model, params, stats, batch.x, False)  # pylint: disable=protected-access
-  game = deep.irm_game(lr=0.1, momentum=0.0)
+  game = games.irm_game_h(lr=0.1, momentum=0.0)
   state = game.init(None, params["head"], 16, 2)
   out = O.Outputs(logits, batch.y, batch.valid, features=feats,
                   head=model.head_fn)
@@ -508,8 +509,8 @@ def _initial_state(model, game, opt, batch):
 
 
 def test_deep_step_traces_once():
-  model = deep.deep_model("tiny")
-  game = deep.invrat_ec("h", num_inners=3)
+  model = models.deep_model("tiny")
+  game = games.invrat_ec("h", num_inners=3)
   sched = lambda step: jnp.where(step >= 1, 10.0, 0.0)
   obj = O.erm(reduction="pooled") + sched * game.term
   opt = optax.adam(1e-3)
@@ -525,8 +526,8 @@ def test_deep_step_traces_once():
 
 
 def test_frozen_head_does_not_move_after_anneal():
-  model = deep.deep_model("tiny")
-  game = deep.invrat_ec("h")
+  model = models.deep_model("tiny")
+  game = games.invrat_ec("h")
   obj = O.erm(reduction="pooled") + 10.0 * game.term
   opt = optax.sgd(0.1)
   batch = _tiny_batch(b=16)
@@ -546,7 +547,7 @@ def test_domainbed_schedule_resets_adam_on_deep_models(preset, count):
   # Intended change of the one-trainer rebuild: deep.make_step used to drop
   # the schedule's optimizer reset (the ResNet path never called reset_at).
   # Reset at the anneal step 2: after 3 updates Adam has counted 1 step.
-  model = deep.deep_model("tiny")
+  model = models.deep_model("tiny")
   sched = schedules.preset(preset, weight=10.0, anneal=2)
   obj = O.erm(reduction="pooled") + sched * O.irmv1(variant="split_perm")
   opt = optax.adam(1e-3)

@@ -64,7 +64,15 @@ def test_bad_values_are_one_line_and_exit_2(tmp_path):
       (["--config.steps=16.9"], "--config.steps=16.9: invalid literal for "
        "int()"),
       (["--config.data.bogus=1"], "--config.data.bogus: no such config "
-       "entry ('bogus')"),
+       "entry ('bogus') in "),
+      # The same line when --config=FILE is given (absl's parse, not the
+      # flag's definition, meets the entry), and for a key below a leaf.
+      (["--config=experiments/configs/colored_mnist.py",
+        "--config.data.bogus=1"], "--config.data.bogus: no such config "
+       "entry ('bogus') in experiments/configs/colored_mnist.py; "),
+      (["--config=experiments/configs/colored_mnist.py", "--config.lr=0.1",
+        "--config.data.data_num.x=3"], "--config.data.data_num.x: no such "
+       "config entry ('data.data_num.x') in "),
       (["--config=experiments/configs/colored_mnist.py:vrex,quick,x"],
        "give METHOD,PRESET after the colon"),
       (["--config=experiments/configs/colored_mnist.py:vrex",

@@ -8,7 +8,8 @@ import optax
 import pytest
 
 import jirm
-from jirm import ipg
+from jirm.methods import ipg
+from jirm import models
 
 
 @pytest.mark.parametrize("num_classes", [1, 3])
@@ -231,12 +232,12 @@ def test_colored_mnist_experiment_runs_ipg(tmp_path, synthetic_mnist):
 
 def test_deep_ipg_runs_three_steps_on_the_tiny_resnet():
   import optax as _optax  # pylint: disable=g-import-not-at-top
-  from jirm import deep  # pylint: disable=g-import-not-at-top
+  from jirm.methods import deep  # pylint: disable=g-import-not-at-top
   sources = jirm.data.synthetic_cifar_mnist_sources(num_per_class=300, seed=0)
   s = jirm.data.cifar_mnist(seed=0, train_num=200, test_num=40, val="none",
                             sources=sources)
   pairs = ipg.cifar_mnist_pairs(s.train, num_pairs=40, seed=0)
-  model = deep.deep_model("tiny")
+  model = models.deep_model("tiny")
   method = deep.deep_method(
       model, jirm.erm(reduction="pooled"), _optax.adam(1e-3), batch_size=16,
       task=s.task, step_factory=ipg.deep_step_factory(

@@ -1,12 +1,11 @@
 """The original IRM games (F-IRM / V-IRM) on the ColoredMNIST MLP."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jirm
-from jirm import irm_games
+from jirm.methods import irm_games
 from jirm import train as train_lib
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jirm
-from jirm import irm_tv
+from jirm.methods import irm_tv
 from jirm import objectives
 
 

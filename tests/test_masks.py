@@ -9,10 +9,9 @@ from scipy import optimize
 
 import jirm
 from jirm import data
-from jirm import deep
-from jirm import masks
+from jirm.methods import masks
 from jirm import models
-from jirm import sparse
+from jirm.methods import sparse
 from jirm import train as train_lib
 
 
@@ -214,15 +213,15 @@ def test_mrm_runs_and_retrains_a_subnetwork(synthetic_mnist):
   # in phase 2 (set_to_zero), and phase 3 restarted from the initialisation:
   # its weights differ from the dense ones.
   st = res.state
-  flat_s = jirm.masks._flat(st.masked.params)  # pylint: disable=protected-access
-  flat_d = jirm.masks._flat(st.dense.params)  # pylint: disable=protected-access
+  flat_s = jirm.methods.masks._flat(st.masked.params)  # pylint: disable=protected-access
+  flat_d = jirm.methods.masks._flat(st.dense.params)  # pylint: disable=protected-access
   for p in flat_d:
     np.testing.assert_array_equal(flat_s[p], flat_d[p])
   assert int(st.dense.step) == 10 and int(st.masked.step) == 30
   assert int(st.retrain.step) == 10
   # The retrained subnetwork's effective weights are zero where masked.
   masked = masks.apply(res.params["params"], res.params["mask"])
-  flat = jirm.masks._flat(masked)  # pylint: disable=protected-access
+  flat = jirm.methods.masks._flat(masked)  # pylint: disable=protected-access
   for p, m in res.params["mask"].items():
     assert float(jnp.abs(flat[p] * (1 - m)).max()) == 0.0
   with pytest.raises(ValueError, match="mask_steps=0 must be"):
@@ -249,7 +248,7 @@ def test_mrm_resumes_mid_mask_phase(tmp_path, synthetic_mnist):
 
 @pytest.mark.parametrize("method", ["sparse_irm", "mrm"])
 def test_sparse_methods_on_tiny_resnet(method):
-  model = deep.deep_model("tiny", lowering="patches")
+  model = models.deep_model("tiny", lowering="patches")
   x = jax.random.uniform(jax.random.key(0), (2, 8, 16, 8, 3))
   params, stats = jax.jit(model.init)(jax.random.key(0), x[0, :1])
   scores = masks.init_scores(params)

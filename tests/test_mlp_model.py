@@ -1,4 +1,4 @@
-"""IRM's MLP with the ResNets' feature / head interface (jirm.deep.
+"""IRM's MLP with the ResNets' feature / head interface (jirm.methods.deep.
 mlp_model): the same initialisation and logits as jirm.models.mlp, and the
 deep methods (the (h)-level terms, InvRat, IRMGame, GroupDRO, IPG) train
 on it through jirm.fit."""
@@ -9,9 +9,10 @@ import optax
 import pytest
 
 import jirm
-from jirm import deep
-from jirm import ipg
+from jirm.methods import deep
+from jirm.methods import ipg
 from jirm.methods import registry
+from jirm import models
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def test_same_initialisation_and_logits_as_the_mlp(splits):
   x = np.asarray(splits.train.x[0, :8])
   key = jax.random.key(3)
   plain = jirm.models.mlp(16).init(key, x[:1])["params"]
-  model = deep.mlp_model(16)
+  model = models.mlp_model(16)
   params, stats = model.init(key, x[:1])
   assert stats == {}
   assert sorted(params["encoder"]) == ["hidden_0", "hidden_1"]
@@ -44,7 +45,7 @@ def _method(name, weight, splits):
   sched = jirm.schedules.preset("lin", weight=weight, anneal=0)
   objective, game = deep.build_method(name, schedule=sched, embed_dim=8,
                                       eb_hidden=16)
-  model = deep.mlp_model(16, head=m.head, head_hidden=16)
+  model = models.mlp_model(16, head=m.head, head_hidden=16)
   return deep.deep_method(model, objective, optax.adam(1e-2), batch_size=50,
                           task=splits.task, game=game,
                           head_update=m.head_update)
@@ -74,7 +75,7 @@ def test_ipg_trains_on_the_mlp(splits):
   pairs = ipg.colored_mnist_pairs(splits.train, num_pairs=100, seed=0)
   objective = jirm.erm(reduction="pooled") * 1.0
   method = deep.deep_method(
-      deep.mlp_model(16), objective, optax.adam(1e-2), batch_size=50,
+      models.mlp_model(16), objective, optax.adam(1e-2), batch_size=50,
       task=splits.task,
       step_factory=ipg.deep_step_factory(pairs, pair_batch=20))
   res = jirm.fit(splits, method, steps=3, eval_every=3, runner="scan")

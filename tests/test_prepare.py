@@ -2,7 +2,6 @@
 official checksums before the (TensorFlow) builder runs."""
 
 import hashlib
-import os
 import subprocess
 import sys
 

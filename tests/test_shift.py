@@ -9,9 +9,11 @@ import optax
 import pytest
 
 import jirm
-from jirm import deep
-from jirm import ipg
+from jirm.methods import deep
+from jirm.methods import ipg
 from jirm.data import shift
+from jirm import models
+from jirm.methods import games
 import shift_fixtures as fx
 
 
@@ -146,7 +148,7 @@ def test_colored_object_construction(tmp_path):
 
 
 def test_group_dro_weights_follow_the_worst_group():
-  game = deep.group_dro(eta=0.5)
+  game = games.group_dro(eta=0.5)
   st = game.init(None, None, 4, 3)
   np.testing.assert_allclose(st.q, [1 / 3] * 3)
   logits = np.zeros((3, 4, 1), np.float32)
@@ -159,7 +161,7 @@ def test_group_dro_weights_follow_the_worst_group():
   expect = np.exp(0.5 * risks) / np.exp(0.5 * risks).sum()
   np.testing.assert_allclose(st2.q, expect, rtol=1e-6)
   assert np.argmax(st2.q) == np.argmax(risks) == 0
-  value = deep.group_dro_term.value(out._replace(state=st2))
+  value = games.group_dro_term.value(out._replace(state=st2))
   assert float(value) == pytest.approx(float((expect * risks).sum()),
                                        rel=1e-6)
 
@@ -171,7 +173,7 @@ def test_three_steps_on_fake_waterbirds(wb_root, method):
   splits = shift.waterbirds(
       wb_root, image_size=16,
       train_envs="groups" if "group_dro" in method else "pooled")
-  model = deep.deep_model("tiny", head="linear")
+  model = models.deep_model("tiny", head="linear")
   name = "group_dro" if "group_dro" in method else "erm"
   objective, game = deep.build_method(name, eta=0.1)
   factory = None

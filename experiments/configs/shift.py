@@ -5,7 +5,7 @@ Presets:
   * ``paper``: the literature's protocol. Waterbirds / CelebA: ResNet-50 at
     224x224, ImageNet-pretrained torchvision weights
     (``--config.pretrained=/path/resnet50.pth``, converted by
-    :mod:`jirm.convert`), SGD momentum 0.9, batch 128, GroupDRO eta 0.01
+    :mod:`jirm.models.convert`), SGD momentum 0.9, batch 128, GroupDRO eta 0.01
     (Sagawa et al. 2020: Waterbirds lr 1e-3, weight decay 1e-4, 300 epochs;
     CelebA lr 1e-4, weight decay 1e-4, 50 epochs). ColoredObject (BIRM):
     32x32 images, ResNet-18 with the 3x3 CIFAR stem from scratch; Adam 1e-3,

@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import os
 from typing import Optional, Sequence

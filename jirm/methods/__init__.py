@@ -10,6 +10,13 @@
   the all-methods tests read it.
 * :data:`METHODS`: the registry's stateless methods on the MLP, name ->
   penalty term.
+* The stateful families, each a factory of the same protocol:
+  :mod:`jirm.methods.deep` (any objective and game on an encoder + head
+  model, IRMBed's methods by name), :mod:`jirm.methods.games` (InvRat-EC/EB,
+  IRMGame(h), GroupDRO), :mod:`jirm.methods.irm_games` (F-IRM / V-IRM),
+  :mod:`jirm.methods.ipg`, :mod:`jirm.methods.sparse` with
+  :mod:`jirm.methods.masks` (SparseIRM, MRM) and :mod:`jirm.methods.irm_tv`
+  (Minimax-TV, ZIN, OOD-TV).
 """
 
 from __future__ import annotations
@@ -19,9 +26,17 @@ from typing import Optional
 
 from jirm import objectives
 from jirm import schedules
+from jirm.methods import deep
+from jirm.methods import games
+from jirm.methods import ipg
+from jirm.methods import irm_games
+from jirm.methods import irm_tv
+from jirm.methods import masks
 from jirm.methods import registry
+from jirm.methods import sparse
 from jirm.methods.base import (EnvArrays, Method, TrainState, epoch_batch,
                                forward, reset_at, sample_batch, tree_where)
+from jirm.methods.deep import deep_method
 from jirm.methods.objective import (from_objective, make_eval_fn,
                                     make_loss_fn, make_train_step)
 

@@ -72,7 +72,7 @@ class Method(NamedTuple):
     eval_from: the trainer evaluates only after this many updates, at
       ``eval_from + k * eval_every`` and after the last update (a method
       whose first phases produce no result, e.g. MRM's dense and mask
-      phases: :func:`jirm.sparse.mrm_method`); default 0.
+      phases: :func:`jirm.methods.sparse.mrm_method`); default 0.
 
   Example:
     >>> method = Method(init, update, predict)

@@ -30,6 +30,7 @@ import optax
 
 from jirm import objectives
 from jirm.methods import base
+from jirm.models import encoder_head
 
 
 def make_loss_fn(apply_fn, objective: objectives.Objective,
@@ -119,8 +120,8 @@ def from_objective(model, objective: objectives.Objective,
 
   Args:
     model: a Flax module (``init(rng, x)``, ``apply(params, x)``, e.g.
-      :func:`jirm.models.mlp`) or a :class:`jirm.deep.DeepModel` (encoder,
-      head and BatchNorm statistics; see :func:`jirm.deep.deep_method` for
+      :func:`jirm.models.mlp`) or a :class:`jirm.models.DeepModel` (encoder,
+      head and BatchNorm statistics; see :func:`jirm.methods.deep.deep_method` for
       its extra options, passed through ``deep_kwargs``).
     objective: a :class:`jirm.objectives.Objective` (or a single term).
     optimizer: an optax transformation.
@@ -135,7 +136,7 @@ def from_objective(model, objective: objectives.Objective,
 
   Returns:
     A :class:`jirm.methods.Method` whose state is a
-    :class:`jirm.methods.TrainState` (a :class:`jirm.deep.DeepState` for
+    :class:`jirm.methods.TrainState` (a :class:`jirm.methods.deep.DeepState` for
     deep models).
 
   Example:
@@ -148,14 +149,14 @@ def from_objective(model, objective: objectives.Objective,
   if not isinstance(optimizer, optax.GradientTransformation):
     raise ValueError(f"optimizer={optimizer!r}: an optax transformation, "
                      f"e.g. optax.adam(1e-3).")
-  from jirm import deep  # pylint: disable=g-import-not-at-top
-  if isinstance(model, deep.DeepModel):
+  from jirm.methods import deep  # pylint: disable=g-import-not-at-top
+  if isinstance(model, encoder_head.DeepModel):
     return deep.deep_method(model, objective, optimizer, task=task,
                             batch_size=batch_size, init_params=init_params,
                             reset_step=reset_step, **deep_kwargs)
   if deep_kwargs:
     raise ValueError(f"{sorted(deep_kwargs)}: options of deep models "
-                     f"(jirm.deep.DeepModel); {type(model).__name__} takes "
+                     f"(jirm.models.DeepModel); {type(model).__name__} takes "
                      f"none of them.")
   update = make_train_step(model.apply, objective, optimizer, task=task,
                            batch_size=batch_size, reset_step=reset_step)

@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import re
-from typing import Mapping, Optional
+from typing import Mapping
 
 from flax import traverse_util
 import jax

@@ -1,10 +1,10 @@
 """Flax ResNets (torchvision layout) with CPU-friendly small convolutions.
 
 The encoder ``h_u`` (:class:`ResNet`) maps ``[N, H, W, C]`` images to pooled
-features ``[N, D]``; heads ``g_v`` (:class:`LinearHead`, :class:`MLPHead`) map
+features ``[N, D]``; heads ``g_v`` (:mod:`jirm.models.heads`) map
 features to logits. Parameter names mirror torchvision's state-dict keys
 (``conv1``, ``bn1``, ``layer1_0/conv1``, ``layer1_0/downsample_conv``, ...) so
-:func:`jirm.convert.load_torchvision_resnet` can load a ``.pth`` file.
+:func:`jirm.models.convert.load_torchvision_resnet` can load a ``.pth`` file.
 
 XLA's CPU convolution is 20-40x slower than a matmul on the tiny feature maps
 of a ResNet on 64x32 inputs (stages at 4x2 and 2x1). :class:`Conv2d` therefore
@@ -31,7 +31,6 @@ torchvision's ResNet v1.5 (stride on the 3x3 conv of the bottleneck).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -344,42 +343,6 @@ TinyResNet = functools.partial(ResNet, stage_sizes=(1, 1), block=BasicBlock,
                                width=8)
 
 ENCODERS = {"resnet18": ResNet18, "resnet50": ResNet50, "tiny": TinyResNet}
-
-
-def _torch_linear_bias_init(fan_in):
-  bound = 1.0 / math.sqrt(fan_in)
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-      key, shape, dtype, -bound, bound)
-
-
-def _dense(features, fan_in, name):
-  # torch.nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-  return nn.Dense(features, name=name,
-                  kernel_init=nn.initializers.variance_scaling(
-                      1.0 / 3.0, "fan_in", "uniform"),
-                  bias_init=_torch_linear_bias_init(fan_in))
-
-
-class LinearHead(nn.Module):
-  """Linear head ``g_v``: features -> logits (torch ``nn.Linear`` init)."""
-
-  out: int = 1
-
-  @nn.compact
-  def __call__(self, feats_ND):
-    return _dense(self.out, feats_ND.shape[-1], "fc")(feats_ND)
-
-
-class MLPHead(nn.Module):
-  """Two-layer head (Linear -> ReLU -> Linear), IRMBed's InvRat-EB head."""
-
-  hidden: int
-  out: int = 1
-
-  @nn.compact
-  def __call__(self, feats_ND):
-    h = nn.relu(_dense(self.hidden, feats_ND.shape[-1], "fc1")(feats_ND))
-    return _dense(self.out, self.hidden, "fc2")(h)
 
 
 def encoder(name: str, *, stem: str = "imagenet", lowering: str = "auto",

@@ -3,7 +3,7 @@
 ImageNet weights cannot be downloaded on our machines; users who have a
 torchvision ``.pth`` file (e.g. ``resnet18-f37072fd.pth``) load it with
 :func:`load_torchvision_resnet` and pass the result to
-``jirm.deep.deep_method(init_params=...)``. Conversion is pure numpy
+``jirm.methods.deep.deep_method(init_params=...)``. Conversion is pure numpy
 (:func:`from_torchvision`); reading the ``.pth`` file needs ``torch``.
 
 Key mapping (torchvision -> jirm):
@@ -17,7 +17,8 @@ Key mapping (torchvision -> jirm):
 Example:
   >>> params, batch_stats = load_torchvision_resnet('resnet18.pth',
   ...                                               'resnet18')
-  >>> method = jirm.deep.deep_method(..., init_params=(params, batch_stats))
+  >>> method = jirm.methods.deep_method(
+  ...     ..., init_params=(params, batch_stats))
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jirm import deep
+from jirm.models import encoder_head
 
 
 def _target(key: str):
@@ -63,13 +64,14 @@ def _set(tree: dict, path, value):
   tree[path[-1]] = value
 
 
-def from_torchvision(state_dict: Mapping[str, np.ndarray], model: deep.DeepModel
+def from_torchvision(state_dict: Mapping[str, np.ndarray],
+                     model: encoder_head.DeepModel
                      ) -> tuple[dict, dict]:
   """Converts a torchvision ResNet state dict (numpy arrays) for ``model``.
 
   Args:
     state_dict: torchvision keys -> numpy arrays.
-    model: the target :class:`jirm.deep.DeepModel` (its encoder must have the
+    model: the target :class:`jirm.models.DeepModel` (its encoder must have the
       same architecture; its head is filled from ``fc`` only when the shapes
       match, e.g. a 1000-way linear head, else left at its initialisation).
 
@@ -128,7 +130,7 @@ def from_torchvision(state_dict: Mapping[str, np.ndarray], model: deep.DeepModel
 
 
 def load_torchvision_resnet(path: str, arch: str = "resnet18",
-                            model: deep.DeepModel | None = None):
+                            model: encoder_head.DeepModel | None = None):
   """Reads a torchvision ``.pth`` state dict and converts it.
 
   Args:
@@ -149,4 +151,4 @@ def load_torchvision_resnet(path: str, arch: str = "resnet18",
   if "state_dict" in sd:
     sd = sd["state_dict"]
   sd = {k.removeprefix("module."): v.numpy() for k, v in sd.items()}
-  return from_torchvision(sd, model or deep.deep_model(arch))
+  return from_torchvision(sd, model or encoder_head.deep_model(arch))

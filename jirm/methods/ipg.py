@@ -384,9 +384,9 @@ def ipg(*, model, objective: objectives.Objective,
 
 
 def deep_head_kernel(params):
-  """The linear head's weights ``[D, C]`` of a :class:`jirm.deep.DeepModel`
-  (``resnet.LinearHead``'s ``fc``, or the MLP's ``head`` layer of
-  :func:`jirm.deep.mlp_model`)."""
+  """The linear head's weights ``[D, C]`` of a :class:`jirm.models.DeepModel`
+  (``models.LinearHead``'s ``fc``, or the MLP's ``head`` layer of
+  :func:`jirm.models.mlp_model`)."""
   head = params["head"]["params"]
   return head["fc" if "fc" in head else "head"]["kernel"]
 
@@ -395,9 +395,9 @@ def deep_step_factory(pairs: Pairs, *, threshold: float = 2e-6,
                       alpha: float = 1.0, pair_batch: int = 300,
                       head_kernel: Callable = deep_head_kernel) -> Callable:
   """IPG for deep models: a ``step_factory`` for
-  :func:`jirm.deep.deep_method`.
+  :func:`jirm.methods.deep.deep_method`.
 
-  The returned factory has :func:`jirm.deep.make_step`'s signature and
+  The returned factory has :func:`jirm.methods.deep.make_step`'s signature and
   builds IPG's two-step update on a balanced epoch batch. Both pair members
   go through one train-mode forward pass (shared BatchNorm statistics, which
   are not kept); the loss pass updates the BatchNorm statistics as usual.
@@ -410,7 +410,7 @@ def deep_step_factory(pairs: Pairs, *, threshold: float = 2e-6,
     >>> res = jirm.fit(splits, method, steps=280)
   """
   pairs.check()
-  from jirm import deep  # pylint: disable=g-import-not-at-top
+  from jirm.methods import deep  # pylint: disable=g-import-not-at-top
   sample_pairs = _pair_sampler(pairs, pair_batch)
 
   def factory(model, objective, optimizer, *, batch_size, task="binary",

@@ -14,8 +14,9 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-_dense = functools.partial(nn.Dense, kernel_init=nn.initializers.xavier_uniform(),
-                           bias_init=nn.initializers.zeros)
+xavier_dense = functools.partial(
+    nn.Dense, kernel_init=nn.initializers.xavier_uniform(),
+    bias_init=nn.initializers.zeros)
 
 
 def _hidden_layers(x, hidden: Sequence[int]):
@@ -23,7 +24,7 @@ def _hidden_layers(x, hidden: Sequence[int]):
   the calling module (call it inside an ``nn.compact`` method)."""
   h = x.reshape((x.shape[0], -1)).astype(jnp.float32)
   for i, width in enumerate(hidden):
-    h = nn.relu(_dense(width, name=f"hidden_{i}")(h))
+    h = nn.relu(xavier_dense(width, name=f"hidden_{i}")(h))
   return h
 
 
@@ -47,13 +48,13 @@ class MLP(nn.Module):
     """Logits ``[N, out]``; with ``return_features`` also the penultimate
     features ``[N, hidden[-1]]`` (the input of the ``head`` layer)."""
     h = _hidden_layers(x, self.hidden)
-    logits = _dense(self.out, name="head")(h)
+    logits = xavier_dense(self.out, name="head")(h)
     return (h, logits) if return_features else logits
 
 
 class MLPEncoder(nn.Module):
   """The hidden layers of :class:`MLP` (same names, same initialisation):
-  the feature extractor of :func:`jirm.deep.mlp_model`. ``train`` is
+  the feature extractor of :func:`jirm.models.mlp_model`. ``train`` is
   accepted for the ResNet encoders' interface (no BatchNorm here).
 
   Example:
@@ -70,16 +71,6 @@ class MLPEncoder(nn.Module):
   def __call__(self, x, train: bool = False):
     del train
     return _hidden_layers(x, self.hidden)
-
-
-class MLPHead(nn.Module):
-  """The last layer of :class:`MLP` (``head``: Xavier-uniform, zero bias)."""
-
-  out: int = 1
-
-  @nn.compact
-  def __call__(self, feats_ND):
-    return _dense(self.out, name="head")(feats_ND)
 
 
 def mlp(hidden_dim: int = 390, depth: int = 2, out: int = 1) -> MLP:

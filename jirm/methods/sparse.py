@@ -1,4 +1,4 @@
-"""SparseIRM / SparseERM and MRM methods over :mod:`jirm.masks`.
+"""SparseIRM / SparseERM and MRM methods over :mod:`jirm.methods.masks`.
 
 SparseIRM (Zhou et al., "Sparse Invariant Risk Minimization", ICML 2022)
 trains the weights and the keep-probability scores of a global mask
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jirm import masks
+from jirm.methods import masks
 from jirm import objectives
 from jirm.methods import base
 from jirm.methods import objective as objective_lib
@@ -154,7 +154,7 @@ def sparse_method(model, objective: objectives.Objective, *, steps: int,
     task: loss / accuracy type.
     weight_opt: weights' optimizer (default Adam 6e-4).
     score_opt: scores' optimizer (default Adam 6e-3).
-    pattern: which parameters get masks (:func:`jirm.masks.select`).
+    pattern: which parameters get masks (:func:`jirm.methods.masks.select`).
     score_start, budget_end, sparsity, batch_size: see :func:`make_step`.
     steps_per_epoch: the temperature changes per epoch (with ``batch_size``:
       ``min_e n_e // batch_size``, the epochs of
@@ -255,7 +255,7 @@ def mrm_method(model, objective: objectives.Objective, *, dense_steps: int,
     lr: Adam learning rate of phases 1 and 3.
     mask_lr: Adam learning rate of the scores in phase 2.
     task: loss / accuracy type (``splits.task``).
-    pattern: which parameters get masks (:func:`jirm.masks.select`).
+    pattern: which parameters get masks (:func:`jirm.methods.masks.select`).
 
   Returns:
     A method over an :class:`MRMState`; ``export`` gives ``{'params':
