@@ -51,6 +51,51 @@ def test_one_name_per_method_and_old_names_map_to_it():
   assert "| `rex` | `vrex` | V-REx(o) |" in registry.migration_table()
 
 
+def test_every_entry_carries_its_factory_and_term():
+  import inspect  # pylint: disable=g-import-not-at-top
+  from jirm import objectives  # pylint: disable=g-import-not-at-top
+  from jirm.methods import deep, irm_games  # pylint: disable=g-import-not-at-top
+  from jirm.methods import irm_tv as irm_tv_lib  # pylint: disable=g-import-not-at-top
+  from experiments.configs import irm_tv  # pylint: disable=g-import-not-at-top
+  for spec in registry.REGISTRY.values():
+    build = registry.factory(spec.name)
+    # The options are keywords the factory takes (a renamed keyword fails).
+    assert set(spec.kwargs) <= set(inspect.signature(build).parameters), \
+        spec.name
+    term = registry.penalty_term(spec.name)
+    assert (term is None) == (spec.term is None), spec.name
+    if term is not None:
+      assert isinstance(term, objectives.Term) and term.name == spec.term
+  # Every penalized stateless method has its term; the game factories make
+  # the game they are named for.
+  assert all(registry.get(n).term for n in registry.names(family="penalty"))
+  for name in registry.names(family="invrat") + ("irm_game_h",):
+    assert registry.factory(name)(**registry.get(name).kwargs).name == name
+  assert registry.factory("irm_game_v") is irm_games.irm_game
+  assert registry.factory("zin") is irm_tv_lib.tv_method
+  # The deep study's table and IRM-TV's recipes are views of the registry.
+  for name, m in deep.DEEP_METHODS.items():
+    spec = registry.get(name)
+    assert m.reference == spec.reference and m.oracle == spec.oracle
+    assert (m.penalty and m.penalty.name) == spec.term, name
+  assert deep.DEEP_METHODS["irmv1"].penalty.options == (
+      ("variant", "split_perm"),)  # IRMBed's split-batch IRMv1.
+  assert irm_tv.METHODS["zin"] == ("l2", "inferred", False, False)
+  assert irm_tv.METHODS["ood_tv_minimax_l1"] == ("l1", "inferred", True,
+                                                 False)
+  assert irm_tv.METHODS["irmv1"] == ("l2", "given", False, False)
+  assert irm_tv.METHODS["oracle"] == (None, "given", False, True)
+
+
+def test_the_docs_table_is_the_registry():
+  import pathlib  # pylint: disable=g-import-not-at-top
+  doc = (pathlib.Path(__file__).parents[1] / "docs" /
+         "adding_a_method.md").read_text()
+  assert registry.markdown_table() in doc, (
+      "docs/adding_a_method.md: paste registry.markdown_table()")
+  assert "`games.invrat_ec(level='o')`" in registry.markdown_table()
+
+
 def test_old_method_name_on_the_command_line_runs_the_new_one(capsys):
   assert common.method_list("rex,erm", ()) == ("vrex", "erm")
   assert "'rex' is now called 'vrex'" in capsys.readouterr().out

@@ -19,6 +19,7 @@ below and in every results line.
 import ml_collections
 
 from experiments.configs import config_string
+from jirm.methods import registry
 
 IRM_FLAGS = dict(hidden_dim=390, l2=0.00110794568, lr=0.0004898536566546834,
                  anneal=190, penalty_weight=91257.18613115903, steps=501)
@@ -106,8 +107,8 @@ def get_config(method: str = "irmv1", preset: str = "paper"):
     c.update(dict(hidden_dim=390, l2=0.0, lr=2.5e-4, steps=3000,
                   batch_size=256, eval_every=50))
     c.game = ml_collections.ConfigDict(dict(
-        variant=method[-1], warm_start=1000, threshold=0.6,
-        rep_lr_scale=0.1))
+        variant=registry.get(method).kwargs["variant"], warm_start=1000,
+        threshold=0.6, rep_lr_scale=0.1))
     c.note = ("IRM games (Ahuja et al. 2020): no SPEC anchor numbers; flags "
               "as in the paper's description (lr 2.5e-4, batch 256, warm "
               "start 1000, stop when train acc < 0.6).")

@@ -29,20 +29,25 @@ Published (OOD-TV-IRM paper, 10 runs, mean / worst test accuracy): IRM
 import ml_collections
 
 from experiments.configs import config_string
+from jirm.methods import registry
 
-# name -> (penalty, envs, learned_lambda, oracle)
-METHODS = {
-    "erm": (None, "given", False, False),
-    "oracle": (None, "given", False, True),
-    "irmv1": ("l2", "given", False, False),
-    "irm_tv_l1": ("l1", "given", False, False),
-    "zin": ("l2", "inferred", False, False),
-    "minimax_tv_l1": ("l1", "inferred", False, False),
-    "ood_tv_irm_l1": ("l1", "given", True, False),
-    "ood_tv_irm_l2": ("l2", "given", True, False),
-    "ood_tv_minimax_l1": ("l1", "inferred", True, False),
-    "ood_tv_minimax_l2": ("l2", "inferred", True, False),
-}
+# The IRM-TV table's methods, each as jirm.methods.irm_tv.tv_method builds
+# it: the registry's options for the TV family (ZIN, Minimax-TV, OOD-TV); the
+# given-environment penalties by their term (IRMv1 is TV-l2, IRM-TV-l1 is
+# TV-l1); ERM and the oracle without a penalty.
+_TV_PENALTY = {"irmv1": "l2", "irm_tv_l1": "l1"}
+
+
+def _tv(name: str):
+  """name -> (penalty, envs, learned_lambda, oracle)."""
+  spec = registry.get(name)
+  kw = spec.kwargs if spec.family == "irm_tv" else dict(
+      penalty=_TV_PENALTY.get(spec.term), envs="given")
+  return (kw["penalty"], kw["envs"], kw.get("learned_lambda", False),
+          spec.oracle)
+
+
+METHODS = {n: _tv(n) for n in registry.names("irm_tv")}
 PRESETS = ("paper", "p07", "quick")
 
 

@@ -58,17 +58,10 @@ class Entry:
   oracle: bool = False
 
 
-# The penalty term of each stateless method of the registry.
-_PENALTY_TERMS = dict(irmv1=objectives.irmv1, vrex=objectives.vrex,
-                      mm_rex=objectives.mm_rex, rvp=objectives.rvp,
-                      irm_tv_l1=objectives.irm_tv_l1,
-                      bayesian_irm=objectives.bayesian_irm,
-                      irmv1_h=objectives.irmv1_h)
-
 # The stateless methods on the MLP (names, references and order from
 # :mod:`jirm.methods.registry`).
 METHODS = {
-    n: Entry(n, _PENALTY_TERMS.get(n), registry.REGISTRY[n].reference,
+    n: Entry(n, registry.penalty_term(n), registry.REGISTRY[n].reference,
              oracle=registry.REGISTRY[n].oracle)
     for n in registry.names(model="mlp")
     if registry.REGISTRY[n].family in ("erm", "penalty")

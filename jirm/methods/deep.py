@@ -32,6 +32,7 @@ import optax
 from jirm import objectives
 from jirm.methods import base
 from jirm.methods import games
+from jirm.methods import registry
 from jirm.models.encoder_head import DeepModel
 
 HEAD_UPDATES = ("total", "erm", "frozen", "inner")
@@ -64,28 +65,38 @@ class DeepMethod:
   oracle: bool = False
 
 
-DEEP_METHODS = {m.name: m for m in (
-    DeepMethod("oracle", "ERM on CIFAR-MNIST with a blank MNIST half",
-               oracle=True),
-    DeepMethod("erm", "ERM"),
-    DeepMethod("irmv1", "IRMv1(o), Arjovsky et al. 2019 (IRMBed split_perm)",
-               objectives.irmv1(variant="split_perm"), head_update="erm"),
-    DeepMethod("vrex", "V-REx(o), Krueger et al. 2021", objectives.vrex,
-               head_update="erm"),
-    DeepMethod("rvp", "RVP(o), IRMBed", objectives.rvp, head_update="erm"),
-    DeepMethod("irmv1_h", "IRMv1(h) on the real head (IRMBed irmv1fc)",
-               objectives.irmv1_h, head_update="erm"),
-    DeepMethod("irm_game_h", "IRMGame(h), Ahuja et al. 2020 (IRMBed)",
-               game="irm_game_h", head="ensemble", head_update="inner"),
-    DeepMethod("invrat_eb", "InvRat-EB(h), Chang et al. 2020 (IRMBed)",
-               game="invrat_eb", head="mlp", head_update="frozen"),
-    DeepMethod("invrat_ec_o", "InvRat-EC(o), Chang et al. 2020 (IRMBed)",
-               game="invrat_ec_o", head_update="frozen"),
-    DeepMethod("invrat_ec_h", "InvRat-EC(h), Chang et al. 2020 (IRMBed)",
-               game="invrat_ec_h", head_update="frozen"),
-    DeepMethod("group_dro", "GroupDRO, Sagawa et al. 2020 (DomainBed form; "
-               "envs = groups)", game="group_dro"),
-)}
+# IRMBed's recipe of each method on the deep model: the head kind, the head's
+# training rule (:func:`make_step`) and the penalty's options. What each
+# method is (its term, its game factory, its reference) is the registry's.
+_IRMBED = dict(
+    irmv1=dict(head_update="erm", penalty_options=dict(variant="split_perm")),
+    vrex=dict(head_update="erm"),
+    rvp=dict(head_update="erm"),
+    irmv1_h=dict(head_update="erm"),
+    irm_game_h=dict(head="ensemble", head_update="inner"),
+    invrat_eb=dict(head="mlp", head_update="frozen"),
+    invrat_ec_o=dict(head_update="frozen"),
+    invrat_ec_h=dict(head_update="frozen"),
+)
+
+
+def _deep_method(name: str) -> DeepMethod:
+  spec = registry.get(name)
+  recipe = _IRMBED.get(name, {})
+  term = registry.penalty_term(name)
+  if term is not None:
+    term = term(**recipe.get("penalty_options", {}))
+  game = name if spec.family in ("game", "invrat", "group_dro") else None
+  return DeepMethod(name, spec.reference, term, game,
+                    head=recipe.get("head", "linear"),
+                    head_update=recipe.get("head_update", "total"),
+                    oracle=spec.oracle)
+
+
+# IRMBed Table 1's methods (CIFAR-MNIST) and GroupDRO, by registry name.
+DEEP_METHODS = {n: _deep_method(n) for n in (
+    registry.names("cifar_mnist")
+    + registry.names("shift", family="group_dro"))}
 
 
 def build_method(name: str, *, schedule=None, l2: float = 0.0,
@@ -109,19 +120,19 @@ def build_method(name: str, *, schedule=None, l2: float = 0.0,
     objective = games.group_dro_term * 1.0
     if l2:
       objective = objective + l2 * objectives.l2
-    return objective, games.group_dro(eta=eta)
+    return objective, registry.factory(name)(eta=eta)
   objective = objectives.erm(reduction="pooled") * 1.0
   if l2:
     objective = objective + l2 * objectives.l2
   game = None
-  inner = dict(lr=inner_lr, momentum=inner_momentum, num_inners=num_inners)
-  if m.game == "irm_game_h":
-    game = games.irm_game_h(**inner)
-  elif m.game == "invrat_eb":
-    game = games.invrat_eb(embed_dim=embed_dim, hidden=eb_hidden,
-                     gap_scale=gap_scale, **inner)
-  elif m.game is not None:
-    game = games.invrat_ec(m.game[-1], gap_scale=gap_scale, **inner)
+  if m.game is not None:  # The registry's Game factory, configured.
+    kwargs = dict(registry.get(name).kwargs, lr=inner_lr,
+                  momentum=inner_momentum, num_inners=num_inners)
+    if name == "invrat_eb":
+      kwargs.update(embed_dim=embed_dim, hidden=eb_hidden)
+    if registry.get(name).family == "invrat":
+      kwargs.update(gap_scale=gap_scale)
+    game = registry.factory(name)(**kwargs)
   penalty = m.penalty
   if game is not None and game.term is not None:
     penalty = game.term(env_grad=env_grad)

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Optional
 
 MODELS = ("mlp", "resnet", "linear")
@@ -33,6 +34,12 @@ FAMILIES = ("erm", "penalty", "game", "invrat", "group_dro", "ipg", "sparse",
             "irm_tv")
 EXPERIMENTS = ("colored_mnist", "cifar_mnist", "irm_tv", "sparse_irm",
                "shift")
+
+
+_OBJECTIVE = "jirm.methods.objective:from_objective"
+_GAMES = "jirm.methods.games:"
+_TV_METHOD = "jirm.methods.irm_tv:tv_method"
+_SPARSE = "jirm.methods.sparse:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +63,15 @@ class Spec:
     oracle: trains on data with the spurious feature removed.
     aliases: older names of the same method (accepted on input, read in
       committed records).
+    term: its penalty term in :mod:`jirm.objectives` (``'irmv1'``, ...;
+      None for ERM and for methods whose penalty their factory builds).
+    factory: ``'module:function'`` of the jirm factory that builds the
+      method's own part (:func:`factory` imports it): ``from_objective`` for
+      the stateless objectives, the :class:`~jirm.methods.games.Game`, pair
+      step, mask or TV method factory for the others.
+    options: ``((keyword, value), ...)`` that make the factory this method
+      (``level='o'`` for InvRat-EC(o), ``envs='inferred'`` for ZIN);
+      :attr:`kwargs` as a dict.
   """
 
   name: str
@@ -68,6 +84,14 @@ class Spec:
   penalized: bool = True
   oracle: bool = False
   aliases: tuple = ()
+  term: Optional[str] = None
+  factory: str = _OBJECTIVE
+  options: tuple = ()
+
+  @property
+  def kwargs(self) -> dict:
+    """:attr:`options` as keyword arguments of :attr:`factory`."""
+    return dict(self.options)
 
   @property
   def experiments(self) -> tuple:
@@ -91,82 +115,121 @@ _SPECS = (
          "Arjovsky et al. 2019 (variants: full IRM, split DomainBed, "
          "split_perm IRMBed, env_scale SparseIRM/BIRM)",
          models=("mlp", "resnet", "linear"), tables=(_CM, _CI, _TV, _SP, _SH),
-         aliases=("irm",)),
+         aliases=("irm",),
+         term="irmv1"),
     Spec("vrex", "V-REx(o)", "penalty",
          "Krueger et al. 2021 (V-REx): variance of the env risks",
-         tables=(_CM, _CI, _SH), aliases=("rex",)),
+         tables=(_CM, _CI, _SH), aliases=("rex",),
+         term="vrex"),
     Spec("mm_rex", "MM-REx", "penalty",
-         "Krueger et al. 2021 (MM-REx): |R_1 - R_2|", tables=(_CM,)),
+         "Krueger et al. 2021 (MM-REx): |R_1 - R_2|", tables=(_CM,),
+         term="mm_rex"),
     Spec("rvp", "RVP(o)", "penalty",
          "IRMBed (Lin et al. 2022): sqrt of the variance of the env risks",
-         tables=(_CM, _CI)),
+         tables=(_CM, _CI),
+         term="rvp"),
     Spec("irmv1_h", "IRMv1(h)", "penalty",
          "IRMBed irmv1fc (Lin et al. 2022): split-batch product of the env "
          "risks' gradients at the real linear head",
-         models=("resnet",), tables=(_CI,), aliases=("irmv1_head",)),
+         models=("resnet",), tables=(_CI,), aliases=("irmv1_head",),
+         term="irmv1_h"),
     Spec("irm_game_h", "IRMGame(h)", "game",
          "Ahuja et al. 2020 in IRMBed's form: per-env linear heads on a "
          "shared ResNet, the encoder trained on their ensemble",
          models=("resnet",), tables=(_CI,), penalized=False,
-         aliases=("irm_game",)),
+         aliases=("irm_game",),
+         factory=_GAMES + "irm_game_h"),
     Spec("invrat_eb", "InvRat-EB(h)", "invrat",
          "Chang et al. 2020 (IRMBed): env-embedding predictor on the "
-         "feature", models=("resnet",), tables=(_CI,)),
+         "feature", models=("resnet",), tables=(_CI,),
+         factory=_GAMES + "invrat_eb"),
     Spec("invrat_ec_o", "InvRat-EC(o)", "invrat",
          "Chang et al. 2020 (IRMBed): per-env heads, game on the logit",
-         models=("resnet",), tables=(_CI,)),
+         models=("resnet",), tables=(_CI,),
+         factory=_GAMES + "invrat_ec", options=(("level", "o"),)),
     Spec("invrat_ec_h", "InvRat-EC(h)", "invrat",
          "Chang et al. 2020 (IRMBed): per-env heads, game on the feature",
-         models=("resnet",), tables=(_CI,)),
+         models=("resnet",), tables=(_CI,),
+         factory=_GAMES + "invrat_ec", options=(("level", "h"),)),
     Spec("irm_tv_l1", "IRM-TV-l1", "penalty",
          "Lai & Wang, ICML 2024: (sum_e |dR_e/ds|)^2",
-         models=("mlp", "resnet", "linear"), tables=(_CM, _TV)),
+         models=("mlp", "resnet", "linear"), tables=(_CM, _TV),
+         term="irm_tv_l1"),
     Spec("bayesian_irm", "BayesianIRM", "penalty",
          "Lin et al., CVPR 2022 (BIRM as released)", models=("mlp",),
-         tables=(_CM,)),
+         tables=(_CM,),
+         term="bayesian_irm"),
     Spec("irm_game_f", "F-IRM game", "game",
          "Ahuja et al. 2020: one classifier per env, fixed representation, "
          "round-robin best responses", models=("mlp",), extra=(_CM,),
-         penalized=False),
+         penalized=False,
+         factory="jirm.methods.irm_games:irm_game",
+         options=(("variant", "f"),)),
     Spec("irm_game_v", "V-IRM game", "game",
          "Ahuja et al. 2020: F-IRM plus the representation as a player",
-         models=("mlp",), extra=(_CM,), penalized=False),
+         models=("mlp",), extra=(_CM,), penalized=False,
+         factory="jirm.methods.irm_games:irm_game",
+         options=(("variant", "v"),)),
     Spec("ipg", "IPG", "ipg",
          "Invariance Pair-Guided learning, arXiv 2502.18975",
-         tables=(_SH,), extra=(_CM, _CI), penalized=False),
+         tables=(_SH,), extra=(_CM, _CI), penalized=False,
+         factory="jirm.methods.ipg:ipg"),
     Spec("group_dro", "GroupDRO", "group_dro",
          "Sagawa et al. 2020 (DomainBed form; envs = groups)",
-         models=("resnet",), tables=(_SH,), penalized=False),
+         models=("resnet",), tables=(_SH,), penalized=False,
+         factory=_GAMES + "group_dro"),
     Spec("ipg_group_dro", "IPG + GroupDRO", "ipg",
          "IPG's pair step around GroupDRO's objective",
-         models=("resnet",), tables=(_SH,), penalized=False),
+         models=("resnet",), tables=(_SH,), penalized=False,
+         factory="jirm.methods.ipg:ipg"),
     Spec("zin", "ZIN", "irm_tv",
          "Lin et al. 2022 (ZIN): IRMv1 over environments inferred from an "
-         "auxiliary variable", models=("linear",), tables=(_TV,)),
+         "auxiliary variable", models=("linear",), tables=(_TV,),
+         factory=_TV_METHOD,
+         options=(("penalty", "l2"), ("envs", "inferred"),
+                  ("learned_lambda", False))),
     Spec("minimax_tv_l1", "Minimax-TV-l1", "irm_tv",
          "Lai & Wang, ICML 2024: IRM-TV-l1 over inferred environments",
-         models=("linear",), tables=(_TV,)),
+         models=("linear",), tables=(_TV,),
+         factory=_TV_METHOD,
+         options=(("penalty", "l1"), ("envs", "inferred"),
+                  ("learned_lambda", False))),
     Spec("ood_tv_irm_l1", "OOD-TV-IRM-l1", "irm_tv",
          "Lai & Wang 2025 (OOD-TV): learned penalty weight, given envs",
-         models=("linear",), tables=(_TV,)),
+         models=("linear",), tables=(_TV,),
+         factory=_TV_METHOD,
+         options=(("penalty", "l1"), ("envs", "given"),
+                  ("learned_lambda", True))),
     Spec("ood_tv_irm_l2", "OOD-TV-IRM-l2", "irm_tv",
          "Lai & Wang 2025 (OOD-TV): learned penalty weight, given envs, "
-         "TV-l2", models=("linear",), tables=(_TV,)),
+         "TV-l2", models=("linear",), tables=(_TV,),
+         factory=_TV_METHOD,
+         options=(("penalty", "l2"), ("envs", "given"),
+                  ("learned_lambda", True))),
     Spec("ood_tv_minimax_l1", "OOD-TV-Minimax-l1", "irm_tv",
          "Lai & Wang 2025 (OOD-TV): learned penalty weight, inferred envs",
-         models=("linear",), tables=(_TV,)),
+         models=("linear",), tables=(_TV,),
+         factory=_TV_METHOD,
+         options=(("penalty", "l1"), ("envs", "inferred"),
+                  ("learned_lambda", True))),
     Spec("ood_tv_minimax_l2", "OOD-TV-Minimax-l2", "irm_tv",
          "Lai & Wang 2025 (OOD-TV): learned penalty weight, inferred envs, "
-         "TV-l2", models=("linear",), tables=(_TV,)),
+         "TV-l2", models=("linear",), tables=(_TV,),
+         factory=_TV_METHOD,
+         options=(("penalty", "l2"), ("envs", "inferred"),
+                  ("learned_lambda", True))),
     Spec("mrm", "MRM", "sparse",
          "Zhang et al. ICML 2021: dense, mask, retrain the subnetwork",
-         models=("mlp",), tables=(_SP,)),
+         models=("mlp",), tables=(_SP,),
+         factory=_SPARSE + "mrm_method"),
     Spec("sparse_irm", "SparseIRM", "sparse",
          "Zhou et al. ICML 2022: IRMv1 with learned weight masks under a "
-         "budget (masks on any model)", tables=(_SP,)),
+         "budget (masks on any model)", tables=(_SP,),
+         term="irmv1", factory=_SPARSE + "sparse_method"),
     Spec("sparse_erm", "SparseERM", "sparse",
          "Zhou et al. ICML 2022: the SparseIRM masks without a penalty",
-         tables=(_SP,), penalized=False),
+         tables=(_SP,), penalized=False,
+         factory=_SPARSE + "sparse_method"),
 )
 
 REGISTRY = {s.name: s for s in _SPECS}
@@ -229,6 +292,45 @@ def names(experiment: Optional[str] = None, *, model: Optional[str] = None,
     out.remove("oracle")
     out.insert(1, "oracle")
   return tuple(out)
+
+
+def factory(name: str):
+  """The factory of ``name`` (:attr:`Spec.factory`, imported).
+
+  Example:
+    >>> spec = registry.get("invrat_ec_o")
+    >>> game = registry.factory("invrat_ec_o")(**spec.kwargs, lr=0.01)
+  """
+  module, attr = get(name).factory.split(":")
+  return getattr(importlib.import_module(module), attr)
+
+
+def penalty_term(name: str):
+  """The :class:`jirm.objectives.Term` of ``name``'s :attr:`Spec.term`
+  (None when it has none)."""
+  term = get(name).term
+  if term is None:
+    return None
+  return getattr(importlib.import_module("jirm.objectives"), term)
+
+
+def markdown_table() -> str:
+  """Every method as a Markdown table (``docs/adding_a_method.md`` holds it;
+  a test keeps the two equal)."""
+  lines = ["| name | label | family | models | built by | experiments "
+           "(table; *by name*) | reference |", "|---|---|---|---|---|---|---|"]
+  for s in _SPECS:
+    module, attr = s.factory.split(":")
+    args = [f"{k}={v!r}" for k, v in s.options]
+    built = f"`{module.rsplit('.', 1)[1]}.{attr}({', '.join(args)})`"
+    if s.term:
+      built += f" + `{s.term}`"
+    where = ", ".join(list(s.tables) + [f"*{e}*" for e in s.extra])
+    reference = s.reference.replace("|", "\\|")  # A cell, not a column.
+    lines.append(f"| `{s.name}` | {s.title} | {s.family} | "
+                 f"{', '.join(s.models)} | {built} | {where} | "
+                 f"{reference} |")
+  return "\n".join(lines)
 
 
 def migration_table() -> str:
