@@ -297,22 +297,45 @@ def run_restarts(configs, restarts, seed, output_dir, run_restart, report,
   """
   if not isinstance(restarts, int) or restarts < 1:
     raise ValueError(f"--restarts={restarts!r}: use 1 or more.")
-  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
   out = os.path.abspath(output_dir)
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"--output_dir={output_dir!r} is a file; give a "
                      f"directory.")
-  path = os.path.join(out, "results.jsonl")
-  failed_path = os.path.join(out, FAILED)
   for config in configs:
     for f in key_fields:
       value = str(_get(config, f))
       if value and not _SAFE.match(value):
         raise ValueError(f"{f}={_get(config, f)!r}: names a path; use "
                          f"letters, digits and _ . , = + - only.")
+  created = not os.path.exists(out)
   os.makedirs(out, exist_ok=True)
   if not os.access(out, os.W_OK):
     raise ValueError(f"--output_dir={output_dir!r} is not writable.")
+  try:
+    _run_configs(configs, restarts, seed, out, output_dir, run_restart,
+                 report, key_fields)
+  except ValueError:  # A bad setting met while building: leave nothing.
+    if created and _only_locks(out):
+      shutil.rmtree(out, ignore_errors=True)
+    raise
+
+
+def _only_locks(out: str) -> bool:
+  """Whether ``out`` holds nothing but lock bookkeeping (no record, no
+  checkpoint, no report)."""
+  for root, _, files in os.walk(out):
+    rel = os.path.relpath(root, out)
+    if files and rel.split(os.sep)[0] != "locks":
+      return False
+  return True
+
+
+def _run_configs(configs, restarts, seed, out, output_dir, run_restart,
+                 report, key_fields):
+  """:func:`run_all`'s loop over (config, seed) in the checked ``out``."""
+  from jirm import train as train_lib  # pylint: disable=g-import-not-at-top
+  path = os.path.join(out, "results.jsonl")
+  failed_path = os.path.join(out, FAILED)
   for config in configs:
     key = run_key(config.to_dict())
     label = tuple(str(_get(config, f)) for f in key_fields)

@@ -139,7 +139,8 @@ def test_num_envs_that_matches_the_variant_is_accepted(synthetic_mnist):
 def test_linear_synthetic_bad_inputs():
   with pytest.raises(data.DataError, match="at least 2"):
     data.linear_synthetic(train_alphas=(1.0,))
-  with pytest.raises(data.DataError, match="negative"):
+  with pytest.raises(data.DataError,
+                     match=r"train_alphas\[1\]=-2.0: use a finite number >= 0"):
     data.linear_synthetic(train_alphas=(1.0, -2.0))
 
 

@@ -103,6 +103,10 @@ def test_bad_values_are_one_line_and_exit_2(tmp_path):
     ("cifar_mnist", ["--config.ramp=ture"], "--config.ramp=ture: "
      "('Non-boolean argument to boolean flag', 'ture'); use true or false."),
     ("irm_tv", ["--config.bogus=1"], "--config.bogus: no such config entry"),
+    ("cifar_mnist", ["--config.width=-1"], "width=-1: the first stage's "
+     "channel count is a whole number >= 1."),
+    ("sparse_irm", ["--config.hidden_dim=0"], "hidden_dim=0: a layer size is "
+     "a whole number >= 1."),
 ])
 def test_flag_a_preset_would_override_is_refused(tmp_path, module, args,
                                                  says):
@@ -114,6 +118,71 @@ def test_flag_a_preset_would_override_is_refused(tmp_path, module, args,
   lines = p.stderr.strip().splitlines()
   assert len(lines) == 1 and says in lines[0], p.stderr
   assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("build,kw,match", [
+    ("linear_synthetic", dict(n_per_env=2.5), r"n_per_env=2.5: a whole "
+     r"number of samples, at least 2 per environment \(2 here\)"),
+    ("linear_synthetic", dict(n_per_env=1), r"n_per_env=1: "),
+    ("linear_synthetic", dict(dim_inv=0), r"dim_inv=0: a whole number of "
+     r"features, at least 1"),
+    ("linear_synthetic", dict(n_val=3.5), r"n_val=3.5: "),
+    ("linear_synthetic", dict(noise_std=float("nan")), r"noise_std=nan: use "
+     r"a finite number >= 0"),
+    ("linear_synthetic", dict(train_alphas=(0.1, -1.0)),
+     r"train_alphas\[1\]=-1.0: "),
+    ("zin_synthetic", dict(num_train=3), r"num_train=3: a whole number of "
+     r"samples, at least 2 per environment \(4 here\)"),
+    ("zin_synthetic", dict(num_test=100.5), r"num_test=100.5: "),
+    ("zin_synthetic", dict(num_val=1), r"num_val=1: .*\(4 here\)"),
+    ("zin_synthetic", dict(dim_spu=-1), r"dim_spu=-1: "),
+    ("full_colored_mnist", dict(data_num=2.5), r"data_num=2.5: a whole "
+     r"number of images, at least 2 per training environment \(4 here\)"),
+    ("full_colored_mnist", dict(data_num=3), r"data_num=3: "),
+    ("full_colored_mnist", dict(data_num=400), r"data_num=400 leaves no "
+     r"test images: use at most 399"),
+    ("waterbirds", dict(root="/nonexistent", image_size=0), r"image_size=0: "
+     r"a whole number of pixels per side, at least 1"),
+    ("waterbirds", dict(root="/nonexistent", max_per_split=2.5),
+     r"max_per_split=2.5: "),
+    ("celeb_a", dict(root="/nonexistent", image_size=32.5),
+     r"image_size=32.5: "),
+    ("colored_object", dict(coco_root="/nonexistent", cons=(0.9, 0.7)),
+     r"cons=\(0.9, 0.7\): give 3 agreements"),
+    ("colored_object", dict(coco_root="/nonexistent", label_noise=1.5),
+     r"label_noise=1.5 is not a probability"),
+    ("colored_object", dict(coco_root="/nonexistent",
+                            classes=((("car", 1, 2),),)),
+     r"classes\['car'\] n_train=1: .*at least 2"),
+])
+def test_every_builder_refuses_bad_sizes_before_reading(build, kw, match):
+  from jirm import data  # pylint: disable=g-import-not-at-top
+  from jirm.data import shift  # pylint: disable=g-import-not-at-top
+  if build == "full_colored_mnist":  # A fake MNIST (400 train images).
+    kw = dict(kw, mnist=data.synthetic_mnist(400, 100))
+  fn = getattr(shift if hasattr(shift, build) else data, build)
+  with pytest.raises(data.DataError, match=match):
+    fn(**kw)
+
+
+def test_mismatched_lengths_and_layer_sizes_are_refused():
+  from jirm import data, models  # pylint: disable=g-import-not-at-top
+  from jirm.models import resnet  # pylint: disable=g-import-not-at-top
+  (tr_img, tr_dig), te = data.synthetic_mnist(400, 100)
+  with pytest.raises(data.DataError, match=r"images and labels differ in "
+                     r"length: train 400 / 399"):
+    data.full_colored_mnist(0, data_num=200, mnist=((tr_img, tr_dig[:-1]), te))
+  for kw, bad in ((dict(hidden_dim=0), "hidden_dim=0"),
+                  (dict(hidden_dim=16.9), "hidden_dim=16.9"),
+                  (dict(depth=0), "depth=0")):
+    with pytest.raises(ValueError, match=bad + ": a layer size is a whole "
+                       "number >= 1"):
+      models.mlp(**kw)
+    with pytest.raises(ValueError, match=bad):
+      models.mlp_model(**kw)
+  with pytest.raises(ValueError, match="width=0: the first stage's channel"):
+    resnet.encoder("tiny", width=0)
+  assert models.mlp(16.0, 2).hidden == (16, 16)  # A whole float is fine.
 
 
 def test_torn_last_line_is_dropped_and_records_kept(tmp_path, caplog):

@@ -53,23 +53,3 @@ from jirm.data.cifar import (
     cifar_mnist,
 )
 
-__all__ = [
-    "DataError",
-    "Envs",
-    "EnvSplits",
-    "stack_envs",
-    "resolve_data_dir",
-    "load_tfds",
-    "load_mnist",
-    "synthetic_mnist",
-    "synthetic_cifar_mnist_sources",
-    "color_digits",
-    "colored_mnist",
-    "FULL_COLORS",
-    "color_digits_full",
-    "full_colored_mnist",
-    "linear_synthetic",
-    "zin_synthetic",
-    "CIFAR_MNIST_ENVS",
-    "cifar_mnist",
-]

@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from jirm.data.envs import DataError, EnvSplits, stack_envs
-from jirm.data.envs import _check_num_envs, _check_prob
-from jirm.data.sources import _count, load_tfds
+from jirm.data.envs import _check_num_envs, _check_prob, _count
+from jirm.data.sources import load_tfds
 
 # ----------------------------------------------------------------------------
 # CIFAR-MNIST (IRMBed).

@@ -109,3 +109,27 @@ def _check_num_envs(num_envs: int) -> None:
   if int(num_envs) < 2:
     raise DataError(f"num_envs={num_envs!r}: IRM needs at least 2 training "
                     f"environments; use num_envs >= 2.")
+
+
+def _count(name: str, value, minimum: int, what: str,
+           unit: str = "images") -> int:
+  """``value`` as an int if it is a whole number >= ``minimum``, else a
+  DataError naming it (no silent truncation of 2.5 to 2)."""
+  ok = (not isinstance(value, bool) and
+        isinstance(value, (int, np.integer, float, np.floating)) and
+        float(value).is_integer() and value >= minimum)
+  if not ok:
+    raise DataError(f"{name}={value!r}: a whole number of {unit}, {what} "
+                    f"({minimum} here).")
+  return int(value)
+
+
+def _check_scale(name: str, value) -> float:
+  """A finite number >= 0 (a noise scale), else a DataError naming it."""
+  ok = (not isinstance(value, bool) and
+        isinstance(value, (int, np.integer, float, np.floating)) and
+        np.isfinite(value) and value >= 0)
+  if not ok:
+    raise DataError(f"{name}={value!r}: use a finite number >= 0.")
+  return float(value)
+

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from jirm.data.envs import DataError, EnvSplits, stack_envs
-from jirm.data.envs import _check_num_envs, _check_prob
+from jirm.data.envs import _check_num_envs, _check_prob, _count
 from jirm.data.sources import load_mnist
 
 # ----------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def colored_mnist(seed: int = 0, *, variant: str = "irm",
     val: ``'mnist_test'``, ``'holdout'`` or ``'none'``.
     val_fraction: held-out fraction for ``val='holdout'``.
     test_envs: held-out env indices for ``'domainbed'``.
-    data_dir: tfds data dir (see :func:`resolve_data_dir`).
+    data_dir: tfds data dir (see :func:`jirm.data.sources.resolve_data_dir`).
     mnist: optional ``(train, test)`` pairs of ``(images, digits)`` to use
       instead of tfds (tests).
 
@@ -291,14 +291,21 @@ def full_colored_mnist(seed: int = 0, *, data_num: int = 50_000,
   _check_prob("label_noise", label_noise)
   if val not in ("mnist_test", "none"):
     raise DataError(f"val={val!r}: choose 'mnist_test' or 'none'.")
+  n_env = len(train_cons)
+  data_num = _count("data_num", data_num, 2 * n_env,
+                    "at least 2 per training environment")
   if mnist is None:
     mnist = (load_mnist("train", data_dir), load_mnist("test", data_dir))
   (tr_img, tr_dig), (te_img, te_dig) = mnist
-  if not 0 < data_num < len(tr_dig):
-    raise DataError(f"data_num={data_num} must be in [1, {len(tr_dig) - 1}].")
+  if data_num >= len(tr_dig):  # The rest of MNIST train is the test env.
+    raise DataError(f"data_num={data_num} leaves no test images: use at "
+                    f"most {len(tr_dig) - 1}.")
+  if len(tr_img) != len(tr_dig) or len(te_img) != len(te_dig):
+    raise DataError(f"mnist images and labels differ in length: train "
+                    f"{len(tr_img)} / {len(tr_dig)}, test {len(te_img)} / "
+                    f"{len(te_dig)}.")
   rng = np.random.default_rng(seed)
   perm = rng.permutation(data_num)
-  n_env = len(train_cons)
 
   def build(img, dig, groups, conss, names):
     xs, ys, ags = [], [], []

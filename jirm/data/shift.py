@@ -33,7 +33,17 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from jirm.data import DataError, EnvSplits, Envs, stack_envs
+from jirm.data.envs import DataError, EnvSplits, Envs, stack_envs
+from jirm.data.envs import _check_prob, _check_scale, _count
+
+
+def _check_sizes(image_size, max_per_split) -> None:
+  """The size arguments every loader takes, checked before any file is
+  read."""
+  _count("image_size", image_size, 1, "at least 1", unit="pixels per side")
+  if max_per_split is not None:
+    _count("max_per_split", max_per_split, 1, "at least 1 (None: all)")
+
 
 TRAIN_ENVS = ("groups", "pooled")
 
@@ -152,6 +162,7 @@ def waterbirds(root: str, *, variant: str = "standard", image_size: int = 224,
   if variant not in WATERBIRDS_VARIANTS:
     raise DataError(f"variant={variant!r}: choose one of "
                     f"{WATERBIRDS_VARIANTS}.")
+  _check_sizes(image_size, max_per_split)
   meta = _require(os.path.join(root, "metadata.csv"), "Waterbirds metadata")
   rows = _read_csv(meta, ("img_filename", "y", "place", "split"))
   parts = {}
@@ -267,6 +278,7 @@ def celeb_a(root: str, *, target: str = "Blond_Hair", spurious: str = "Male",
   """
   if layout not in CELEBA_LAYOUTS:
     raise DataError(f"layout={layout!r}: choose one of {CELEBA_LAYOUTS}.")
+  _check_sizes(image_size, max_per_split)
   _require(root, "CelebA root")
   official = os.path.exists(os.path.join(root, "list_attr_celeba.txt"))
   if layout == "official" or (layout == "auto" and official):
@@ -387,6 +399,19 @@ def colored_object(coco_root: str, *, seed: int = 0,
   Raises:
     DataError: missing files, or too few qualifying images of a category.
   """
+  _check_sizes(image_size, None)
+  if len(cons) != 3:
+    raise DataError(f"cons={tuple(cons)!r}: give 3 agreements (train env 1, "
+                    f"train env 2, test).")
+  for i, c in enumerate(cons):
+    _check_prob(f"cons[{i}]", c)
+  _check_prob("label_noise", label_noise)
+  _check_scale("min_area", min_area)
+  for members in classes:
+    for name, n_train, n_test in members:
+      _count(f"classes[{name!r}] n_train", n_train, 2,
+             "at least 2 (one per training environment)")
+      _count(f"classes[{name!r}] n_test", n_test, 0, "at least 0")
   ann_path = _require(os.path.join(coco_root, "annotations", split_file),
                       "COCO annotations")
   img_dir = _require(os.path.join(coco_root, "train2017"), "COCO image folder")

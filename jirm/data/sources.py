@@ -49,18 +49,6 @@ def _atomic_savez(path: str, **arrays) -> None:
       os.remove(tmp)
 
 
-def _count(name: str, value, minimum: int, what: str) -> int:
-  """``value`` as an int if it is a whole number >= ``minimum``, else a
-  DataError naming it (no silent truncation of 2.5 to 2)."""
-  ok = (not isinstance(value, bool) and
-        isinstance(value, (int, np.integer, float, np.floating)) and
-        float(value).is_integer() and value >= minimum)
-  if not ok:
-    raise DataError(f"{name}={value!r}: a whole number of images, {what} "
-                    f"({minimum} here).")
-  return int(value)
-
-
 def load_tfds(name: str, split: str, data_dir: Optional[str] = None,
               cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Decodes a prepared tfds image dataset into ``(images_NHWC, labels_N)``.

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from jirm.data.envs import DataError, EnvSplits, stack_envs
-from jirm.data.envs import _check_num_envs, _check_prob
+from jirm.data.envs import _check_num_envs, _check_prob, _check_scale, _count
 
 # ----------------------------------------------------------------------------
 # Linear synthetic environments (SparseIRM Section 3.2).
@@ -42,12 +42,18 @@ def linear_synthetic(seed: int = 0, *, dim_inv: int = 5, dim_spu: int = 5,
     whose spurious block is within one ``noise_std`` of y.
   """
   _check_num_envs(len(train_alphas))
-  for i, a in enumerate(list(train_alphas) + [test_alpha]):
-    if a < 0:
-      raise DataError(f"alpha {a!r} (env {i}) is negative; spurious noise "
-                      f"scales must be >= 0.")
-  if n_per_env < 2:
-    raise DataError(f"n_per_env={n_per_env!r}: need at least 2 samples.")
+  for i, a in enumerate(train_alphas):
+    _check_scale(f"train_alphas[{i}]", a)
+  _check_scale("test_alpha", test_alpha)
+  _check_scale("noise_std", noise_std)
+  dim_inv = _count("dim_inv", dim_inv, 1, "at least 1", unit="features")
+  dim_spu = _count("dim_spu", dim_spu, 0, "at least 0", unit="features")
+  dim_noise = _count("dim_noise", dim_noise, 0, "at least 0",
+                     unit="features")
+  n_per_env = _count("n_per_env", n_per_env, 2, "at least 2 per environment",
+                     unit="samples")
+  n_val = _count("n_val", n_val, 0, "0 (no validation split) or more",
+                 unit="samples")
   rng = np.random.default_rng(seed)
   gamma = rng.normal(size=dim_inv) / np.sqrt(dim_inv)
 
@@ -133,14 +139,16 @@ def zin_synthetic(seed: int = 0, *, train_cons="0.999,0.7",
   train_cons = _parse_probs("train_cons", train_cons)
   test_cons = _parse_probs("test_cons", test_cons)
   _check_prob("noise", noise)
-  if dim_inv < 1 or dim_spu < 0:
-    raise DataError(f"dim_inv={dim_inv!r} must be >= 1 and dim_spu="
-                    f"{dim_spu!r} >= 0.")
-  for name, n, e in (("num_train", num_train, len(train_cons)),
-                     ("num_test", num_test, len(test_cons))):
-    if n < 2 * e:
-      raise DataError(f"{name}={n!r} gives fewer than 2 samples to each of "
-                      f"its {e} envs; raise it.")
+  dim_inv = _count("dim_inv", dim_inv, 1, "at least 1", unit="features")
+  dim_spu = _count("dim_spu", dim_spu, 0, "at least 0", unit="features")
+  num_train = _count("num_train", num_train, 2 * len(train_cons),
+                     "at least 2 per environment", unit="samples")
+  num_test = _count("num_test", num_test, 2 * len(test_cons),
+                    "at least 2 per environment", unit="samples")
+  if num_val:
+    num_val = _count("num_val", num_val, 2 * len(train_cons),
+                     "0 (none) or at least 2 per environment",
+                     unit="samples")
   rng = np.random.default_rng(seed)
 
   def env(p, n):

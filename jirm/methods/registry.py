@@ -71,7 +71,7 @@ class Spec:
       step, mask or TV method factory for the others.
     options: ``((keyword, value), ...)`` that make the factory this method
       (``level='o'`` for InvRat-EC(o), ``envs='inferred'`` for ZIN);
-      :attr:`kwargs` as a dict.
+      ``kwargs`` gives them as a dict.
   """
 
   name: str

@@ -14,6 +14,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jirm.models import sizes
+
 xavier_dense = functools.partial(
     nn.Dense, kernel_init=nn.initializers.xavier_uniform(),
     bias_init=nn.initializers.zeros)
@@ -75,7 +77,7 @@ class MLPEncoder(nn.Module):
 
 def mlp(hidden_dim: int = 390, depth: int = 2, out: int = 1) -> MLP:
   """IRM's MLP with ``depth`` hidden layers of width ``hidden_dim``."""
-  if hidden_dim < 1 or depth < 1:
-    raise ValueError(f"hidden_dim={hidden_dim!r}, depth={depth!r}: both must "
-                     f"be >= 1.")
-  return MLP(hidden=(int(hidden_dim),) * int(depth), out=int(out))
+  hidden_dim, depth, out = (sizes.check_size(n, v) for n, v in (
+      ("hidden_dim", hidden_dim), ("depth", depth), ("out", out)))
+  return MLP(hidden=(hidden_dim,) * depth, out=out)
+

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jirm import runtime
+from jirm.models import sizes
 
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu').
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -352,6 +353,7 @@ def encoder(name: str, *, stem: str = "imagenet", lowering: str = "auto",
     raise ValueError(f"unknown encoder {name!r}; choose one of "
                      f"{sorted(ENCODERS)}.")
   kw = dict(stem=stem, lowering=lowering)
-  if width is not None:
-    kw["width"] = int(width)
+  if width is not None:  # None: the architecture's 64.
+    kw["width"] = sizes.check_size("width", width, "the first stage's "
+                                   "channel count")
   return ENCODERS[name](**kw)
