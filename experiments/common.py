@@ -548,11 +548,24 @@ def check_preset_flags(flag_values, preset: str, resolved: dict) -> None:
 def exit_on_bad_input(fn, *args, **kwargs):
   """Runs ``fn``; a bad flag or missing data (``ValueError``, including
   :class:`jirm.data.DataError`) prints its message in one line and exits
-  with status 2 instead of a traceback (``JIRM_DEBUG=1`` re-raises)."""
+  with status 2 instead of a traceback (``JIRM_DEBUG=1`` re-raises); a full
+  disk (ENOSPC anywhere in the error's causes) is one line and status 3."""
   try:
     return fn(*args, **kwargs)
-  except ValueError as e:
+  except Exception as e:  # pylint: disable=broad-except
     if os.environ.get("JIRM_DEBUG"):
+      raise
+    full = results_lib.disk_full(e)
+    if full is not None:  # Not bad input: status 3.
+      what = (full.strerror if isinstance(full, results_lib.DiskFullError)
+              else "no space left on the device (" +
+              " ".join(str(full).split())[:300] + "); every record written "
+              "before it is intact; free space and rerun the same command "
+              "(finished runs are skipped)")
+      print(f"error: {what} (JIRM_DEBUG=1 shows the traceback)",
+            file=sys.stderr)
+      sys.exit(3)
+    if not isinstance(e, ValueError):
       raise
     print(f"error: {e} (JIRM_DEBUG=1 shows the traceback)", file=sys.stderr)
     sys.exit(2)

@@ -191,19 +191,29 @@ def run_trial(work_dir, trial, mnist=None):
   tests)."""
   if launch.is_done(work_dir, trial):
     return trial["id"]
-  launch.log_attempt(work_dir, trial)
-  d = launch.trial_dir(work_dir, trial)
-  results_lib.atomic_write(os.path.join(d, "trial.json"),
-                           json.dumps(trial, indent=1))
-  mod = _module(trial["experiment"])
-  kw = dict(checkpoint_dir=os.path.join(d, "checkpoints"),
-            **_data_kwargs(mod.run_restart, trial, mnist))
-  config = _config_of(trial)
+  holder = launch.claim(work_dir, trial)
+  if holder is not None:  # Another process runs it; it writes its result.
+    print(f"skip trial {trial['id']}: process {holder} is running it.",
+          flush=True)
+    return None
   try:
-    records = mod.run_restart(config, trial["seed"], **kw)
-  except train_lib.DivergenceError as e:  # Recorded; the sweep goes on.
-    records = [common.diverged_record(config, trial["seed"], str(e))]
-  launch.write_result(work_dir, trial, _tag(records, trial))
+    if launch.is_done(work_dir, trial):  # Finished while we waited.
+      return trial["id"]
+    launch.log_attempt(work_dir, trial)
+    d = launch.trial_dir(work_dir, trial)
+    results_lib.atomic_write(os.path.join(d, "trial.json"),
+                             json.dumps(trial, indent=1))
+    mod = _module(trial["experiment"])
+    kw = dict(checkpoint_dir=os.path.join(d, "checkpoints"),
+              **_data_kwargs(mod.run_restart, trial, mnist))
+    config = _config_of(trial)
+    try:
+      records = mod.run_restart(config, trial["seed"], **kw)
+    except train_lib.DivergenceError as e:  # Recorded; the sweep goes on.
+      records = [common.diverged_record(config, trial["seed"], str(e))]
+    launch.write_result(work_dir, trial, _tag(records, trial))
+  finally:
+    launch.release(work_dir, trial)
   return trial["id"]
 
 
@@ -220,8 +230,25 @@ def run_vmap(work_dir, trials, trials_per_call=None, mnist=None,
   each hyperparameter point in one program (:func:`_vmap_seeds`).
   """
   import jirm  # pylint: disable=g-import-not-at-top
-  traced, per_point = {}, {}
+  mine = []  # The pending trials this process claimed (the rest: another's).
   for t in launch.pending(work_dir, trials):
+    holder = launch.claim(work_dir, t)
+    if holder is None:
+      mine.append(t)
+    else:
+      print(f"skip trial {t['id']}: process {holder} is running it.",
+            flush=True)
+  try:
+    _run_vmap_claimed(work_dir, mine, trials_per_call, mnist, progress, jirm)
+  finally:
+    for t in mine:
+      launch.release(work_dir, t)
+
+
+def _run_vmap_claimed(work_dir, mine, trials_per_call, mnist, progress, jirm):
+  """:func:`run_vmap` over the trials this process holds the locks of."""
+  traced, per_point = {}, {}
+  for t in launch.pending(work_dir, mine):
     if t["experiment"] == "colored_mnist" and (
         t["method"] in jirm.methods.METHODS):
       structural = {k: v for k, v in t["hparams"].items()

@@ -47,6 +47,23 @@ def pending(work_dir: str, trials: Sequence[dict]) -> list:
   return [t for t in trials if not is_done(work_dir, t)]
 
 
+LOCK = "running.lock"
+
+
+def claim(work_dir: str, trial: dict) -> Optional[str]:
+  """Takes the trial's lock (``trials/<id>/running.lock``: pid and host) for
+  this process; returns None when taken, else who holds it. Two processes
+  sharing a work directory (two copies of one command, Ray tasks, Slurm
+  array elements) never run one trial at once; a lock left by a killed
+  process on this host is taken over (:func:`jirm.results.try_lock`)."""
+  return results_lib.try_lock(os.path.join(trial_dir(work_dir, trial), LOCK))
+
+
+def release(work_dir: str, trial: dict) -> None:
+  """Drops the lock :func:`claim` took."""
+  results_lib.release_lock(os.path.join(trial_dir(work_dir, trial), LOCK))
+
+
 def write_result(work_dir: str, trial: dict, records: Sequence[dict]) -> None:
   """Atomically writes a trial's records (its completion marker) and drops
   its checkpoints."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -17,20 +18,59 @@ from typing import Callable, Hashable, Iterable, Optional, Sequence
 import numpy as np
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+  """A write that found no space (ENOSPC, or a full quota): the file it was
+  rewriting is unchanged."""
+
+
+def disk_full(e: BaseException) -> Optional[BaseException]:
+  """The error in ``e``'s chain of causes that says the disk is full: an
+  ``OSError`` with ENOSPC / EDQUOT, or tensorstore's ``RESOURCE_EXHAUSTED``
+  (a ValueError naming ``No space left on device``) from an orbax
+  checkpoint; None if there is none."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _FULL:
+      return e
+    if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def atomic_write(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` via a temporary file and ``os.replace``."""
+  """Writes ``text`` to ``path`` via a temporary file and ``os.replace``.
+
+  Raises:
+    DiskFullError: no space for the temporary file; ``path`` is as it was.
+  """
   path = os.path.abspath(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+  fd, tmp = None, None
   try:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     with os.fdopen(fd, "w") as f:
+      fd = None  # The file object closes it.
       f.write(text)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files.
     os.replace(tmp, path)
+  except OSError as e:
+    if e.errno not in _FULL:
+      raise
+    raise DiskFullError(
+        e.errno, f"no space left on the device writing {path}: it is "
+        f"unchanged (every earlier record intact); free space and rerun the "
+        f"same command (finished runs are skipped)") from e
   finally:
-    if os.path.exists(tmp):
+    if fd is not None:
+      os.close(fd)
+    if tmp is not None and os.path.exists(tmp):
       os.remove(tmp)
 
 

@@ -185,6 +185,68 @@ def test_mismatched_lengths_and_layer_sizes_are_refused():
   assert models.mlp(16.0, 2).hidden == (16, 16)  # A whole float is fine.
 
 
+_DISK_FILLS = """
+import errno, os, runpy, sys
+real, calls = os.replace, []
+def replace(src, dst):  # The second results.jsonl write finds the disk full.
+  if str(dst).endswith("results.jsonl"):
+    calls.append(dst)
+    if len(calls) == 2:
+      raise OSError(errno.ENOSPC, "No space left on device")
+  return real(src, dst)
+os.replace = replace
+sys.argv = ["colored_mnist"] + sys.argv[1:]
+runpy.run_module("experiments.colored_mnist", run_name="__main__")
+"""
+
+
+def test_a_full_disk_keeps_earlier_records_and_says_so(tmp_path):
+  out = tmp_path / "o"
+  proc = subprocess.run(
+      [sys.executable, "-c", _DISK_FILLS, "--preset=quick", "--method=erm",
+       "--restarts=2", f"--output_dir={out}", "--progress=false"],
+      capture_output=True, text=True, timeout=600, cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=ROOT), check=False)
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: no space left on the device writing {out / 'results.jsonl'}: "
+      f"it is unchanged (every earlier record intact)"), proc.stderr
+  records = results.read_jsonl(str(out / "results.jsonl"))
+  assert {r["seed"] for r in records} == {0}  # Seed 0's records, whole.
+  rules = {r["selection"] for r in records}  # One record per rule.
+  assert len(records) == len(rules) >= 3 and all(r["test_acc"] > 0
+                                                 for r in records)
+  assert not list(out.glob(".tmp-*"))  # No temporary file left behind.
+  # Space again: the same command runs only the restart that was lost.
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.colored_mnist", "--preset=quick",
+       "--method=erm", "--restarts=2", f"--output_dir={out}",
+       "--progress=false"], capture_output=True, text=True, timeout=600,
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  records = results.read_jsonl(str(out / "results.jsonl"))
+  assert sorted(r["seed"] for r in records) == [0] * len(rules) + [1] * len(
+      rules)
+
+
+def test_disk_full_is_found_in_the_causes_orbax_wraps():
+  import errno  # pylint: disable=g-import-not-at-top
+  ts = ValueError('RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database: '
+                  'Failed to write 79314 bytes: No space left on device '
+                  "[os_error_code='28']")  # tensorstore, through orbax.
+  assert results.disk_full(ts) is ts
+  try:
+    try:
+      raise OSError(errno.ENOSPC, "No space")
+    except OSError as inner:
+      raise RuntimeError("save failed") from inner
+  except RuntimeError as outer:
+    assert results.disk_full(outer).errno == errno.ENOSPC
+  assert results.disk_full(ValueError("lr=-1: use lr > 0")) is None
+  assert results.disk_full(OSError(errno.EACCES, "denied")) is None
+
+
 def test_torn_last_line_is_dropped_and_records_kept(tmp_path, caplog):
   path = str(tmp_path / "results.jsonl")
   results.append_jsonl(path, [{"seed": 0}, {"seed": 1}])

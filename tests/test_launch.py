@@ -249,3 +249,37 @@ def test_random_search_any_experiment_local_backend(tmp_path):
     assert r["config"]["anneal"] == t["hparams"]["anneal"]
   assert "## Selected point per rule" in text
   assert "| irmv1 | train_domain_val |" in text
+
+
+def test_a_trial_another_process_runs_is_skipped_then_taken_over(
+    tmp_path, synthetic_mnist, capsys):
+  import socket  # pylint: disable=g-import-not-at-top
+  trials = sweep_exp.make_trials("colored_mnist", ["erm"], "quick", "grid",
+                                 [], restarts=2, overrides=["steps=4"])
+  holder = subprocess.Popen(["sleep", "60"])  # A live process "runs" trial 0.
+  lock = os.path.join(launch.trial_dir(str(tmp_path), trials[0]), launch.LOCK)
+  os.makedirs(os.path.dirname(lock))
+  with open(lock, "w") as f:
+    f.write(f"{holder.pid} {socket.gethostname()}\n")
+  try:
+    for backend in ("local", "vmap"):
+      sweep_exp.launch_sweep(trials, str(tmp_path), backend,
+                             mnist=synthetic_mnist, progress=False)
+      assert not launch.is_done(str(tmp_path), trials[0]), backend
+      assert launch.is_done(str(tmp_path), trials[1])
+      assert (f"skip trial {trials[0]['id']}: process {holder.pid} on "
+              in capsys.readouterr().out)
+  finally:
+    holder.kill()
+    holder.wait()
+  # Its holder gone, the lock is stale: the next run takes the trial over,
+  # and runs the other one no second time.
+  sweep_exp.launch_sweep(trials, str(tmp_path), "local",
+                         mnist=synthetic_mnist, progress=False)
+  assert launch.is_done(str(tmp_path), trials[0])
+  assert not os.path.exists(lock)  # Released when it finished.
+  records = launch.read_results(str(tmp_path))
+  assert sorted({r["trial"] for r in records}) == sorted(
+      t["id"] for t in trials)
+  rules = [(r["trial"], r["selection"]) for r in records]
+  assert len(rules) == len(set(rules))  # Every trial's records once.
