@@ -23,6 +23,7 @@ run, and where it is tested instead, is in the README's table.
 """
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -100,34 +101,40 @@ def _config(exp, name, weight):
 _BUILT = {}
 
 
-def _built(exp, name, weight, as_erm=False):
+def _built(exp, name, weight, as_erm=False, adam_eps=None):
   """The experiment's build of ``name`` (``as_erm``: ERM with the same
-  settings), one per distinct config."""
+  settings; ``adam_eps``: its Adam with that eps), one per distinct
+  config."""
   c = _config(exp, name, weight)
   if as_erm:
     c.method, c.penalty_weight = "erm", 0.0
     if exp == "irm_tv":
       c.penalty = "none"
-  key = (exp, common.run_key(c.to_dict()))
+  key = (exp, common.run_key(c.to_dict()), adam_eps)
   if key not in _BUILT:
-    if exp == "colored_mnist":
-      from experiments import colored_mnist as mod  # pylint: disable=g-import-not-at-top
-      _BUILT[key] = mod.build_method(c, 0, mnist=goldens._mnist())  # pylint: disable=protected-access
-    elif exp == "cifar_mnist":
-      from experiments import cifar_mnist as mod  # pylint: disable=g-import-not-at-top
-      if "cifar" not in goldens._DATA:  # pylint: disable=protected-access
-        goldens._DATA["cifar"] = jirm.data.synthetic_cifar_mnist_sources(300)  # pylint: disable=protected-access
-      _BUILT[key] = mod.build_method(c, 0, sources=goldens._DATA["cifar"])  # pylint: disable=protected-access
-    elif exp == "shift":
-      from experiments import shift as mod  # pylint: disable=g-import-not-at-top
-      _BUILT[key] = mod.build_method(c, 0, goldens._shift_root())  # pylint: disable=protected-access
-    elif exp == "sparse_irm":
-      from experiments import sparse_irm as mod  # pylint: disable=g-import-not-at-top
-      _BUILT[key] = mod.build_method(c, 0, mnist=goldens._mnist())  # pylint: disable=protected-access
-    else:
-      from experiments import irm_tv as mod  # pylint: disable=g-import-not-at-top
-      _BUILT[key] = mod.build_method(c, 0)
+    with goldens._adam_eps(adam_eps):  # pylint: disable=protected-access
+      _BUILT[key] = _build(exp, c)
   return _BUILT[key]
+
+
+def _build(exp, c):
+  """``build_method`` of experiment ``exp`` on the tests' small data."""
+  if exp == "colored_mnist":
+    from experiments import colored_mnist as mod  # pylint: disable=g-import-not-at-top
+    return mod.build_method(c, 0, mnist=goldens._mnist())  # pylint: disable=protected-access
+  if exp == "cifar_mnist":
+    from experiments import cifar_mnist as mod  # pylint: disable=g-import-not-at-top
+    if "cifar" not in goldens._DATA:  # pylint: disable=protected-access
+      goldens._DATA["cifar"] = jirm.data.synthetic_cifar_mnist_sources(300)  # pylint: disable=protected-access
+    return mod.build_method(c, 0, sources=goldens._DATA["cifar"])  # pylint: disable=protected-access
+  if exp == "shift":
+    from experiments import shift as mod  # pylint: disable=g-import-not-at-top
+    return mod.build_method(c, 0, goldens._shift_root())  # pylint: disable=protected-access
+  if exp == "sparse_irm":
+    from experiments import sparse_irm as mod  # pylint: disable=g-import-not-at-top
+    return mod.build_method(c, 0, mnist=goldens._mnist())  # pylint: disable=protected-access
+  from experiments import irm_tv as mod  # pylint: disable=g-import-not-at-top
+  return mod.build_method(c, 0)
 
 
 def _fit(built, splits=None, seed=0):
@@ -235,10 +242,14 @@ def test_weight_zero_equals_erm(exp, name):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
-# The vmapped ResNet program rounds differently from the unvmapped one and
-# Adam's eps 1e-8 amplifies BatchNorm-bias noise (goldens.ADAM_EPS): 3e-6
-# absolute after 3 steps, and 12 more compiles (3 CPU-minutes); not run yet.
-SWEPT = [c for c in CASES if MODEL[c[0]] != "resnet"]
+# The ResNet cases are 13 more compiles (about 8 CPU-minutes), run only
+# with JIRM_SLOW_TESTS=1 (CI stays under 15 minutes). The vmapped ResNet
+# program rounds differently from the unvmapped one, and Adam's eps 1e-8
+# amplifies BatchNorm-bias noise to 5e-5 after 3 steps (IRMGame(h),
+# InvRat-EC(o)): they run with Adam eps 1e-3, as the goldens do.
+SLOW = bool(os.environ.get("JIRM_SLOW_TESTS"))
+SWEPT = [c for c in CASES if MODEL[c[0]] != "resnet" or SLOW]
+RESNET_SWEPT = [c for c in CASES if MODEL[c[0]] == "resnet"]
 
 
 @pytest.mark.parametrize("exp,name", SWEPT)
@@ -246,7 +257,9 @@ def test_fit_sweep_of_two_seeds_equals_two_fits_with_one_compile(
     exp, name, caplog):
   import logging  # pylint: disable=g-import-not-at-top
   from jirm import sweep  # pylint: disable=g-import-not-at-top
-  built = _built(exp, name, WEIGHT)
+  resnet = MODEL[exp] == "resnet"
+  built = _built(exp, name, WEIGHT, adam_eps=goldens.ADAM_EPS_RESNET if
+                 resnet else None)
   with jax.log_compiles(True), caplog.at_level(logging.WARNING):
     swept = sweep.fit_sweep(built.splits, lambda hp: built.method,
                             seeds=[0, 1], steps=STEPS, eval_every=STEPS,
@@ -256,7 +269,8 @@ def test_fit_sweep_of_two_seeds_equals_two_fits_with_one_compile(
               and "sweep_run" in r.getMessage()]
   assert len(compiled) == 1, compiled
   for seed, res in enumerate(swept):
-    ref = _run(exp, name, WEIGHT) if seed == 0 else _fit(built, seed=seed)
+    ref = _fit(built, seed=seed) if resnet or seed else _run(exp, name,
+                                                               WEIGHT)
     assert res.diverged is None
     for a, b in zip(_leaves(res.state), _leaves(ref.state)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6,
@@ -265,6 +279,33 @@ def test_fit_sweep_of_two_seeds_equals_two_fits_with_one_compile(
                                ref.history["test_acc_E"], atol=1e-6)
   assert any(not np.array_equal(a, b) for a, b in zip(
       _leaves(swept[0].state), _leaves(swept[1].state)))
+
+
+# Resume from a checkpoint: every MLP and linear case in CI; the ResNet
+# ones (13 more host-loop compiles) with JIRM_SLOW_TESTS=1.
+RESUMED = [c for c in CASES if MODEL[c[0]] != "resnet" or SLOW]
+
+
+@pytest.mark.parametrize("exp,name", RESUMED)
+def test_checkpoint_resume_equals_the_uninterrupted_run(exp, name, tmp_path):
+  import os  # pylint: disable=g-import-not-at-top,redefined-outer-name,reimported
+  import shutil  # pylint: disable=g-import-not-at-top
+  built = _built(exp, name, WEIGHT)
+  ckpt = str(tmp_path / "ckpt")
+  # The host loop checkpoints (IRM-TV's experiment trains with the scan).
+  kw = dict(built.fit_kw, steps=STEPS, eval_every=1, checkpoint_dir=ckpt,
+            checkpoint_every=1, runner="host")
+  full = jirm.fit(built.splits, built.method, **kw)
+  saved = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  assert len(saved) >= 2 and saved[-1] == STEPS, saved
+  shutil.rmtree(os.path.join(ckpt, str(saved[-1])))  # Killed before it.
+  resumed = jirm.fit(built.splits, built.method, **kw)
+  assert int(resumed.state.step) == STEPS
+  for k in full.history:
+    np.testing.assert_array_equal(resumed.history[k], full.history[k],
+                                  err_msg=f"{name}: history {k}")
+  for a, b in zip(_leaves(resumed.state), _leaves(full.state)):
+    np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 def test_the_matrix_covers_every_registered_method():
@@ -280,9 +321,6 @@ ELSEWHERE = {
     "8 fake devices = 1 device": {
         ("erm", "mlp"), ("irmv1", "mlp"), ("bayesian_irm", "mlp"),
         ("invrat_ec_h", "resnet")},  # tests/test_sharding.py
-    "checkpoint resume = uninterrupted": {
-        ("irmv1", "mlp"),  # SIGKILL mid-run: tests/test_resume.py
-        ("sparse_irm", "mlp"), ("mrm", "mlp")},  # tests/test_masks.py
 }
 
 
@@ -290,7 +328,8 @@ def matrix_markdown() -> str:
   """The README's capability matrix, from the registry and this file."""
   cols = ["3 updates finite, extras change, NaN named",
           "penalty moves encoder", "weight 0 = ERM",
-          "fit_sweep: 2 seeds = 2 fits, one compile"] + list(ELSEWHERE)
+          "fit_sweep: 2 seeds = 2 fits, one compile"] + list(ELSEWHERE) + [
+              "checkpoint resume = uninterrupted"]
   lines = ["| method | model | " + " | ".join(cols) + " |",
            "|---" * (len(cols) + 2) + "|"]
   rows = [(name, MODEL[exp], (exp, name)) for exp, name in CASES]
@@ -314,10 +353,12 @@ def matrix_markdown() -> str:
       cells.append("not yet (inferred envs / learned weight)")
     else:
       cells.append("–")
-    cells.append("yes" if case in SWEPT else
-                 "not yet (vmapped ResNet rounding under Adam eps 1e-8)")
+    cells.append("yes (`JIRM_SLOW_TESTS=1`; not in CI: 13 compiles)"
+                 if case in RESNET_SWEPT else "yes")
     cells += ["yes" if (name, model) in pairs else "not yet"
               for pairs in ELSEWHERE.values()]
+    cells.append("yes (`JIRM_SLOW_TESTS=1`; not in CI: 13 compiles)"
+                 if case in RESNET_SWEPT else "yes")
     lines.append(f"| {spec.title} (`{name}`) | {model} | " +
                  " | ".join(cells) + " |")
   return "\n".join(lines)
