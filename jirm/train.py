@@ -324,10 +324,14 @@ def fit(splits: data_lib.EnvSplits, method=None, *, steps: int,
     check_predict(method, state, evals["test"].x, splits.task)
     if mesh is not None:
       from jirm import sharding  # pylint: disable=g-import-not-at-top
-      if not isinstance(train, EnvArrays):
-        raise ValueError(f"mesh= shards EnvArrays; this method prepares "
+      if isinstance(train, EnvArrays):
+        train = sharding.shard_env_arrays(train, mesh)
+      elif hasattr(train, "shard"):  # A method's own data (IRM-TV pools).
+        train = train.shard(mesh)
+      else:
+        raise ValueError(f"mesh= shards EnvArrays or data with a "
+                         f"shard(mesh) method; this method prepares "
                          f"{type(train).__name__}.")
-      train = sharding.shard_env_arrays(train, mesh)
       evals = {k: sharding.shard_env_arrays(v, mesh)
                for k, v in evals.items()}
       state = sharding.replicate(state, mesh)

@@ -8,6 +8,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -124,6 +125,25 @@ def main():
   out["cifar_record"] = max(
       abs(last(r1)[k] - last(r8)[k]) for k in ("train_acc", "test_acc"))
   out["cifar_step"] = [last(r1)["step"], last(r8)["step"]]
+
+  # IRM-TV's pooled data (ZIN: inferred environments) on the mesh: its
+  # shard(mesh) splits the samples; a count the devices do not divide is
+  # refused in one line.
+  from jirm.methods import irm_tv  # pylint: disable=g-import-not-at-top
+  zs = jirm.data.zin_synthetic(0, num_train=800, num_test=400)
+  zin = irm_tv.tv_method(penalty="l2", envs="inferred", anneal=2)
+  z1 = jirm.fit(zs, zin, steps=6, eval_every=3)
+  z8 = jirm.fit(zs, zin, steps=6, eval_every=3, mesh=mesh)
+  floats = lambda st: [l for l in jax.tree.leaves(st) if hasattr(l, "dtype")
+                       and jnp.issubdtype(l.dtype, jnp.floating)]
+  out["zin_state"] = maxdiff(floats(z1.state), floats(z8.state))
+  out["zin_history"] = maxdiff(z1.history, z8.history)
+  try:
+    jirm.fit(jirm.data.zin_synthetic(0, num_train=804, num_test=400), zin,
+             steps=2, eval_every=2, mesh=mesh)
+    out["zin_uneven"] = "no error"
+  except ValueError as e:
+    out["zin_uneven"] = str(e)
 
   # A sweep split 2 ways over trials and 4 ways over the batch.
   def objective_fn(hp):

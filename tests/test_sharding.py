@@ -70,3 +70,12 @@ def test_deep_method_on_eight_devices_equals_one_device(diffs):
   # Parameters, BatchNorm statistics, Adam moments and InvRat's env heads.
   assert diffs["deep_state"] <= TOL
   assert diffs["deep_history"] <= TOL
+
+
+def test_irm_tv_pooled_data_on_eight_devices_equals_one_device(diffs):
+  # ZIN's pooled samples and inference net: Pooled.shard splits the batch.
+  assert diffs["zin_state"] <= TOL
+  assert diffs["zin_history"] <= TOL
+  assert diffs["zin_uneven"].startswith(
+      "mesh=: the 804 pooled training samples do not split over 8 devices; "
+      "use a multiple of 8 (e.g. num_train=800)."), diffs["zin_uneven"]

@@ -106,6 +106,24 @@ class Pooled(NamedTuple):
   envs: jax.Array
   z: jax.Array
 
+  def shard(self, mesh):
+    """The samples split over the mesh's ``data`` axis (what
+    ``jirm.fit(..., mesh=)`` calls): ``x``, ``y``, ``z`` on axis 0, ``envs``
+    on axis 1. No padding (a padded sample would enter every pooled sum):
+    the sample count must be a multiple of the axis size."""
+    from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+    n, size = self.x.shape[0], mesh.shape["data"]
+    if n % size:
+      raise ValueError(f"mesh=: the {n} pooled training samples do not "
+                       f"split over {size} devices; use a multiple of "
+                       f"{size} (e.g. num_train={n - n % size}).")
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    rest = lambda a: (None,) * (a.ndim - 1)
+    return Pooled(put(self.x, P("data", *rest(self.x))),
+                  put(self.y, P("data")),
+                  put(self.envs, P(None, "data")),
+                  put(self.z, P("data", *rest(self.z))))
+
 
 def standardize(z_NZ):
   """(z - mean) / std with the unbiased std, as ZIN (constant columns are
