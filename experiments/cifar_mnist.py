@@ -76,6 +76,9 @@ def build_run(config, seed=0, data_dir=None, sources=None):
   # IPG trains the ERM model and objective with its own step (jirm.methods.ipg).
   name = "erm" if config.method == "ipg" else config.method
   method = deep.DEEP_METHODS[name]
+  # The encoder's sizes are checked before any data is read.
+  models.resnet.encoder(config.model, stem=config.stem,
+                        lowering=config.lowering, width=config.width or None)
   d = config.data
   splits = jirm.data.cifar_mnist(
       seed, envs=d.envs, label_noise=d.label_noise, oracle=method.oracle,

@@ -130,6 +130,7 @@ def build_method(config, seed=0, data_dir=None, mnist=None):
     >>> built = build_method(configs.get_config("sparse_irm", "quick"))
     >>> res = jirm.fit(built.splits, built.method, seed=0, **built.fit_kw)
   """
+  jirm.models.mlp(config.hidden_dim, config.depth)  # Sizes, before data.
   splits = build_data(config, seed, data_dir, mnist)
   out = 10 if splits.task == "multiclass" else 1
   model = jirm.models.mlp(config.hidden_dim, config.depth, out=out)

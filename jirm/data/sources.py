@@ -93,6 +93,11 @@ def load_tfds(name: str, split: str, data_dir: Optional[str] = None,
     if arrays is not None:
       return arrays
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  verbosity = absl_logging.get_verbosity()
+  # tfds warns on every first decode that OpenCV is missing (PIL decodes):
+  # noise on stderr, where jirm's errors are one line.
+  absl_logging.set_verbosity(absl_logging.ERROR)
   try:
     source = tfds.data_source(name, split=split, data_dir=root,
                               download=False)
@@ -109,6 +114,8 @@ def load_tfds(name: str, split: str, data_dir: Optional[str] = None,
         f" in {', '.join(files)}). Fix: prepare it again, e.g. python -m "
         f"jirm.data.prepare --dataset={name} --manual_dir=RAW "
         f"--data_dir={root}.") from e
+  finally:
+    absl_logging.set_verbosity(verbosity)
   images, labels = np.concatenate(images), np.concatenate(labels)
   if cache:
     _atomic_savez(cache_path, images=images, labels=labels,
