@@ -37,6 +37,8 @@ import time
 from absl import app
 from absl import flags
 
+from jirm.methods import registry
+
 flags.DEFINE_string("before", None, "Git revision timed first.",
                     required=True)
 flags.DEFINE_string("after", "HEAD", "Git revision compared with it.")
@@ -49,8 +51,6 @@ flags.DEFINE_string("taskset", None, "Pin every run to these CPUs "
 FLAGS = flags.FLAGS
 
 BENCHES = ("penalty", "resnet", "restart")
-_OLD_NAMES = {"rex": "vrex", "irm": "irmv1", "irm_game": "irm_game_h",
-              "irmv1_head": "irmv1_h"}
 
 
 def _parse_penalty(out: str) -> dict:
@@ -68,7 +68,8 @@ def _parse_resnet(out: str) -> dict:
     times[f"{arch}/auto"], times[f"{arch}/xla"] = float(auto), float(xla)
   for name, t in re.findall(r"^  (\w+)\s+([0-9.]+) s\s+[0-9.]+x ERM", out,
                             re.M):
-    times[f"method/{_OLD_NAMES.get(name, name)}"] = float(t)
+    # The older commit prints the old names (rex, irm_game, ...).
+    times[f"method/{registry.canonical(name)}"] = float(t)
   return times
 
 
