@@ -354,3 +354,61 @@ def test_sparse_fit_resumes_from_checkpoint(tmp_path, synthetic_mnist):
                                 full.history["test_acc_E"])
   jax.tree.map(np.testing.assert_array_equal, resumed.params["scores"],
                full.params["scores"])
+
+
+def test_baseline_sets_the_dense_weight_rate_only():
+  from experiments.configs import sparse_irm as cfg  # pylint: disable=g-import-not-at-top
+  c = cfg.get_config("irmv1", "paper")
+  assert c.baseline == "matched" and cfg.weight_lr(c) == 6e-4
+  c.baseline = "released"
+  assert cfg.weight_lr(c) == 6e-3  # score_lr: the released dense route.
+  c.baseline = "fast"
+  with pytest.raises(ValueError, match=r"baseline='fast': choose from "):
+    cfg.weight_lr(c)
+  s = cfg.get_config("sparse_irm", "paper")
+  s.baseline = "released"
+  with pytest.raises(ValueError, match=r"baseline='released' with "
+                     r"method='sparse_irm': .*drop --config.baseline"):
+    cfg.weight_lr(s)
+
+
+def _record(method, seed, last, best, step=240, *, lr=6e-4, baseline=None,
+            eval_every=1):
+  config = dict(lr=6e-4, score_lr=6e-3, eval_every=eval_every)
+  if baseline is not None:
+    config["baseline"] = baseline
+  base = dict(method=method, seed=seed, dataset="cmnist", data_num=50_000,
+              penalty="irmv1", hidden_dim=390, config=config)
+  if baseline is not None:
+    base["weight_lr"] = lr
+  return [dict(base, selection="last", test_acc=last, step=1501),
+          dict(base, selection="oracle_train_gt60", test_acc=best, step=step)]
+
+
+def test_finding_table_pairs_seeds_and_keeps_the_baselines_apart():
+  from experiments import sparse_irm as exp  # pylint: disable=g-import-not-at-top
+  recs = []
+  for s in range(3):  # SparseIRM - matched: last -0.10, rule +0.02 each.
+    recs += _record("sparse_irm", s, 0.55, 0.70, step=215 + s)
+    recs += _record("irmv1", s, 0.65, 0.68)
+  recs += _record("irmv1", 0, 0.47, 0.61, lr=6e-3, baseline="released")
+  recs += _record("irmv1", 1, 0.60, 0.63, lr=6e-3, baseline="released")
+  recs += _record("irmv1", 7, 0.10, 0.10, eval_every=10)  # Not pooled.
+  md = exp.finding_table(recs)
+  assert "| sparse_irm | 3 | 70.0 ± 0.0 | 215, 216, 217 | 55.0 ± 0.0 | 0/3 " \
+         "| 72.48 |" in md
+  assert "| irmv1 lr 6e-4 (matched) | 3 | 68.0 ± 0.0 | 240, 240, 240 | " \
+         "65.0 ± 0.0 | 0/3 | 63.24 |" in md
+  # Released: last 47 (a collapse) and 60: mean 53.5, sample sd 9.2.
+  assert "| irmv1 lr 6e-3 (released) | 2 | 62.0 ± 1.4 | 240, 240 | " \
+         "53.5 ± 9.2 | 1/2 | 63.24 |" in md
+  # Identical paired differences: the bootstrap interval is the point.
+  assert "| irmv1 lr 6e-4 (matched) | 3 | +2.0 [+2.0, +2.0] | " \
+         "-10.0 [-10.0, -10.0] |" in md
+  # Seeds 0, 1 only; rule diffs 9, 7; last diffs 8, -5.
+  assert "| irmv1 lr 6e-3 (released) | 2 | +8.0 [+7.0, +9.0] | " \
+         "+1.5 [-5.0, +8.0] |" in md
+  lo, hi = exp.bootstrap_ci([8.0, 1.0])  # Mean 4.5: two resample means.
+  assert lo == pytest.approx(1.0) and hi == pytest.approx(8.0)
+  assert exp.finding_table(_record("irmv1", 0, 0.5, 0.6,
+                                   eval_every=10)) == ""

@@ -6,7 +6,16 @@ scores Adam 6e-3 (constant), l2 1e-3 on the raw weights and biases, penalty
 weight 1e4 switched on at step 200 (FullColoredMNIST: 400) with the loss
 divided by 1 + lambda, keep ratio 0.95 reached at 60% of training, scores
 frozen until 28%, evaluation every epoch (one Bernoulli mask per
-evaluation). Dense baselines (ERM, IRM) use the same protocol without masks.
+evaluation). Dense baselines (ERM, IRM) use the same protocol without masks;
+``baseline`` says at which rate their weights train:
+
+* ``'matched'`` (default): Adam at ``lr`` (6e-4), the sparse run's weight
+  rate (jirm's matched baseline).
+* ``'released'``: Adam over all weights at ``score_lr`` (6e-3), the only
+  dense route the released code runs (``main.py`` ``get_optimizer``: without
+  ``--train_weights_at_the_same_time`` one Adam over every parameter at
+  ``--lr``, which the README sets to 6e-3; its lr policy is never called).
+
 Preset ``quick`` shrinks everything for smoke tests.
 """
 
@@ -47,6 +56,8 @@ def get_config(method: str = "sparse_irm", preset: str = "paper",
   c.batch_size = 0 if dataset == "cmnist" else 390
   c.lr = 6e-4
   c.score_lr = 6e-3
+  # Dense methods' weight rate: 'matched' (lr) or 'released' (score_lr).
+  c.baseline = "matched"
   # Not in SparseIRM: steps of linear score-lr warm-up once the scores
   # unfreeze (0 = the paper's constant Adam 6e-3).
   c.score_warmup = 0
@@ -71,3 +82,41 @@ def get_config(method: str = "sparse_irm", preset: str = "paper",
   elif preset != "paper":
     raise ValueError(f"preset={preset!r}: choose 'paper' or 'quick'.")
   return c
+
+
+BASELINES = ("matched", "released")
+DENSE = ("erm", "oracle", "irmv1")
+
+
+def weight_lr(config) -> float:
+  """The rate the weights of ``config``'s method train at (Adam).
+
+  Args:
+    config: a :func:`get_config` config, overrides applied.
+
+  Returns:
+    ``config.lr``, or ``config.score_lr`` for a dense method with
+    ``baseline='released'``.
+
+  Raises:
+    ValueError: an unknown ``baseline``, or ``'released'`` on a masked
+      method (whose weights always train at ``lr``).
+
+  Example:
+    >>> c = get_config("irmv1", "paper")
+    >>> c.baseline = "released"
+    >>> weight_lr(c)
+    0.006
+  """
+  if config.baseline not in BASELINES:
+    raise ValueError(f"baseline={config.baseline!r}: choose from "
+                     f"{list(BASELINES)}.")
+  if config.baseline == "released":
+    if config.method not in DENSE:
+      raise ValueError(
+          f"baseline='released' with method={config.method!r}: it sets the "
+          f"dense baselines' rate ({', '.join(DENSE)}); drop "
+          f"--config.baseline for the masked methods (their weights train "
+          f"at lr={config.lr}).")
+    return config.score_lr
+  return config.lr
