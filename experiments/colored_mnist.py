@@ -31,8 +31,9 @@ from jirm.methods import registry
 METHODS_ALL = registry.names("colored_mnist")  # The table's rows.
 # The original IRM games (Ahuja et al. 2020); run with --method=irm_game_f.
 GAME_METHODS = registry.names("colored_mnist", family="game", extra=True)
-# Run only when named (--method=irm_game_f, --method=ipg).
-OTHER_METHODS = registry.names("colored_mnist", extra=True)[len(METHODS_ALL):]
+# Run only when named (--method=irm_game_f, --method=ipg, --method=coral).
+OTHER_METHODS = tuple(n for n in registry.names("colored_mnist", extra=True)
+                      if n not in METHODS_ALL)
 PUBLISHED = {
     "erm": "87.4 ± 0.2 / 17.1 ± 0.6",
     "oracle": "73.5 ± 0.2 / 73.0 ± 0.4",
@@ -130,6 +131,21 @@ def build_method(config, seed=0, data_dir=None, mnist=None):
         batch_size=batch_size)
     return common.Built(splits, method, f"irm_game(variant={g.variant})",
                         fit_kw, {})
+  if config.method == "fishr":  # A game on the MLP's encoder + head.
+    from jirm.methods import games  # pylint: disable=g-import-not-at-top
+    game = games.fishr(ema=config.fishr.ema)
+    sched = jirm.schedules.preset(config.schedule,
+                                  weight=config.penalty_weight,
+                                  anneal=config.anneal)
+    objective = (jirm.erm(reduction=config.erm_reduction) +
+                 config.l2 * jirm.l2 + sched * game.term)
+    method = jirm.methods.deep_method(
+        jirm.models.mlp_model(config.hidden_dim, config.depth,
+                              out=1 if splits.task == "binary" else 10),
+        objective, optax.adam(config.lr),
+        batch_size=batch_size or min(splits.train.sizes), task=splits.task,
+        game=game)
+    return common.Built(splits, method, objective.describe(), fit_kw, {})
   model = jirm.models.mlp(config.hidden_dim, config.depth)
   if config.method == "ipg":
     from jirm.methods import ipg  # pylint: disable=g-import-not-at-top

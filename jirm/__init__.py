@@ -22,9 +22,10 @@ from jirm import selection
 from jirm import sharding
 from jirm import sweep
 from jirm import train
-from jirm.objectives import (Objective, Outputs, Term, bayesian_irm, env_risks,
-                             erm, irm_tv_l1, irm_tv_l2, irmv1, irmv1_h, l2,
-                             mm_rex, rvp, vrex)
+from jirm.objectives import (Objective, Outputs, Term, bayesian_irm, coral,
+                             env_risks, eqrm, erm, feature_var, ib_irm,
+                             irm_tv_l1, irm_tv_l2, irmv1, irmv1_h, l2, mm_rex,
+                             mmd, rvp, vrex)
 from jirm.methods import Method, from_objective
 from jirm.schedules import PenaltySchedule
 from jirm.train import fit

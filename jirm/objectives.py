@@ -319,6 +319,167 @@ def _bayesian_irm(out: Outputs, prior_sd_coef: float = 1200.0,
 
 
 # ----------------------------------------------------------------------------
+# Feature penalties and risk quantiles (DomainBed's CORAL, MMD, IB-IRM; EQRM).
+
+
+def _features(out: Outputs, name: str):
+  if out.features is None:
+    raise ValueError(
+        f"{name} needs Outputs.features (the model's penultimate features): "
+        f"jirm.methods.from_objective passes them for models whose apply "
+        f"takes return_features=True (jirm.models.mlp, the deep models).")
+  return out.features
+
+
+def _feature_moments(feats_BD, valid_B):
+  """Masked mean ``[D]`` and covariance ``[D, D]`` (divisor n - 1, as
+  ``torch`` and DomainBed) of one environment's features."""
+  n = valid_B.sum()
+  mean_D = (feats_BD * valid_B[:, None]).sum(0) / jnp.maximum(n, 1.0)
+  cent_BD = (feats_BD - mean_D[None, :]) * valid_B[:, None]
+  cov_DD = cent_BD.T @ cent_BD / jnp.maximum(n - 1.0, 1.0)
+  return mean_D, cov_DD
+
+
+def _env_pairs(num_envs: int):
+  return [(i, j) for i in range(num_envs) for j in range(i + 1, num_envs)]
+
+
+def _coral(out: Outputs):
+  """CORAL (Sun & Saenko 2016), DomainBed's ``mean_cov`` form: for every
+  pair of environments, mean_d (mu_i - mu_j)^2 + mean_{d,d'} (C_i - C_j)^2 of
+  the features' means and covariances (divisor n - 1), averaged over the
+  E (E - 1) / 2 pairs. Zero when the environments' feature moments agree."""
+  feats = _features(out, "coral")
+  means, covs = jax.vmap(_feature_moments)(feats, out.valid)
+  pairs = _env_pairs(feats.shape[0])
+  return sum(jnp.mean((means[i] - means[j]) ** 2) +
+             jnp.mean((covs[i] - covs[j]) ** 2) for i, j in pairs) / len(pairs)
+
+
+# DomainBed's Gaussian-kernel bandwidths (AbstractMMD.gaussian_kernel).
+MMD_GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+# Samples per environment above which MMD's B x B kernels are refused.
+MMD_MAX_BATCH = 8192
+
+
+def _gaussian_kernel_mean(x_BD, y_BD, wx_B, wy_B, gammas, same=False):
+  """Masked mean over pairs of sum_g exp(-g ||x - y||^2), distances clamped
+  at 1e-30 as DomainBed's ``my_cdist``; with ``same`` (x is y) the diagonal
+  is exactly 0 (``|x|^2 + |x|^2 - 2 x.x`` leaves rounding noise there, which
+  exp(-1000 d) would amplify)."""
+  d = ((x_BD ** 2).sum(-1)[:, None] + (y_BD ** 2).sum(-1)[None, :] -
+       2.0 * x_BD @ y_BD.T)
+  d = jnp.maximum(d, 1e-30)
+  if same:
+    d = jnp.where(jnp.eye(d.shape[0], dtype=bool), 1e-30, d)
+  k = sum(jnp.exp(-g * d) for g in gammas)
+  w = wx_B[:, None] * wy_B[None, :]
+  return (k * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+def _mmd(out: Outputs, gammas: tuple = MMD_GAMMAS):
+  """MMD (Li et al. 2018), DomainBed's Gaussian form: for every pair of
+  environments, mean K(x, x') + mean K(y, y') - 2 mean K(x, y) of the
+  features with K = sum over ``gammas`` of exp(-gamma ||a - b||^2), averaged
+  over the pairs. Zero for identical environments. Memory is B x B per
+  pair: minibatches (DomainBed: 64 per environment)."""
+  feats = _features(out, "mmd")
+  if feats.shape[1] > MMD_MAX_BATCH:
+    raise ValueError(
+        f"mmd over {feats.shape[1]} samples per environment builds "
+        f"{feats.shape[1]} x {feats.shape[1]} kernels; train on minibatches "
+        f"of at most {MMD_MAX_BATCH} per environment (e.g. "
+        f"--config.batch_size=512).")
+  kmean = lambda i, j: _gaussian_kernel_mean(
+      feats[i], feats[j], out.valid[i], out.valid[j], tuple(gammas),
+      same=i == j)
+  pairs = _env_pairs(feats.shape[0])
+  return sum(kmean(i, i) + kmean(j, j) - 2.0 * kmean(i, j)
+             for i, j in pairs) / len(pairs)
+
+
+def _feature_var(out: Outputs):
+  """IB-IRM's information bottleneck (Ahuja et al. 2021, DomainBed
+  ``IB_IRM``): mean over environments of mean_d Var_e(features_d) (divisor
+  n - 1). IB-IRM is ``erm + w_irm * irmv1(variant='split') + w_ib *
+  feature_var``."""
+  feats = _features(out, "feature_var")
+  _, covs = jax.vmap(_feature_moments)(feats, out.valid)
+  return jnp.mean(jnp.diagonal(covs, axis1=1, axis2=2))
+
+
+def _ib_irm(out: Outputs, ib_weight: float = 1.0, variant: str = "split"):
+  """IB-IRM's penalty (Ahuja et al. 2021; DomainBed ``IB_IRM``):
+  ``irmv1(variant) + ib_weight * feature_var``, ``ib_weight`` =
+  lambda_ib / lambda_irm (DomainBed's defaults 1e2 / 1e2 = 1). With one
+  schedule on the sum both weights start together; DomainBed keeps the
+  bottleneck at 0 and IRM at 1 before the anneal step. ``ib_weight = 0`` is
+  IRMv1."""
+  return _irmv1(out, variant) + ib_weight * _feature_var(out)
+
+
+def _normal_cdf(z):
+  return 0.5 * (1.0 + jax.scipy.special.erf(z / jnp.sqrt(2.0)))
+
+
+def _kde_quantile(risks_E, alpha: float, steps: int = 64):
+  """The alpha-quantile of the Gaussian KDE of ``risks_E`` (bandwidth
+  1.06 * sd * E^-0.2, DomainBed's ``Gauss-optimal``), found by bisection and
+  differentiated implicitly: dq/dR = -(dF/dR) / (dF/dq) at the solution."""
+  num = risks_E.shape[0]
+  bw = 1.06 * jnp.std(risks_E, ddof=1) * num ** -0.2
+  bw = jnp.maximum(bw, 1e-12)
+  cdf = lambda q, r: jnp.mean(_normal_cdf((q - r) / bw))
+  z = jax.scipy.special.ndtri(alpha)
+  r0 = jax.lax.stop_gradient(risks_E)
+  lo, hi = r0.min() + bw * z, r0.max() + bw * z
+  bw0 = jax.lax.stop_gradient(bw)
+
+  def body(_, bounds):
+    lo, hi = bounds
+    mid = 0.5 * (lo + hi)
+    above = jnp.mean(_normal_cdf((mid - r0) / bw0)) > alpha
+    return jnp.where(above, lo, mid), jnp.where(above, mid, hi)
+
+  lo, hi = jax.lax.fori_loop(0, steps, body, (jax.lax.stop_gradient(lo),
+                                              jax.lax.stop_gradient(hi)))
+  q0 = 0.5 * (lo + hi)
+  slope = jax.lax.stop_gradient(jax.grad(cdf)(q0, r0))
+  # Value q0; gradient the implicit one (F(q0, R) = alpha).
+  return q0 - (cdf(q0, risks_E) - jax.lax.stop_gradient(cdf(q0, r0))) / (
+      jnp.maximum(slope, 1e-30))
+
+
+def _eqrm(out: Outputs, alpha: float = 0.75, estimator: str = "kde"):
+  """EQRM (Eastwood et al. 2022) as a penalty: Q_alpha(R) - mean_e R_e, the
+  alpha-quantile of the environment risks' distribution above their mean,
+  so that ``erm + 1.0 * eqrm`` (weight 1 after the burn-in, 0 before) is
+  EQRM's objective Q_alpha(R) and weight 0 is ERM (DomainBed: the mean risk
+  during the burn-in).
+
+  ``estimator``: ``'kde'`` (DomainBed's default: Gaussian KDE, Gauss-optimal
+  bandwidth, quantile by bisection; jirm differentiates it implicitly where
+  DomainBed's bisection passes gradients through its bracket) or
+  ``'empirical'`` (linear interpolation between the sorted risks; alpha = 1
+  is the worst environment's risk).
+  """
+  if not 0.0 < alpha <= 1.0:
+    raise ValueError(f"eqrm alpha={alpha!r}: use 0 < alpha <= 1.")
+  risks = env_risks(out)
+  if estimator == "empirical":
+    return jnp.quantile(risks, alpha) - risks.mean()
+  if estimator == "kde":
+    if alpha >= 1.0:
+      raise ValueError("eqrm(estimator='kde', alpha=1.0): a KDE has no "
+                       "largest value; use alpha < 1 or "
+                       "estimator='empirical'.")
+    return _kde_quantile(risks, alpha) - risks.mean()
+  raise ValueError(f"eqrm estimator={estimator!r}: use 'kde' or "
+                   f"'empirical'.")
+
+
+# ----------------------------------------------------------------------------
 # Terms and composition.
 
 Weight = Union[float, Callable[[jax.Array], jax.Array]]
@@ -336,6 +497,8 @@ class Term:
   impl: Callable[..., jax.Array]
   options: tuple = ()
   choices: tuple = ()  # (option, allowed values) pairs, checked on call.
+  # Reads Outputs.features (the trainer then computes them).
+  reads_features: bool = False
 
   def __call__(self, **options) -> "Term":
     allowed = [p for p in inspect.signature(self.impl).parameters
@@ -421,6 +584,11 @@ class Objective:
   __rmul__ = __mul__
 
   @property
+  def reads_features(self) -> bool:
+    """Whether a term reads :attr:`Outputs.features`."""
+    return any(t.reads_features for _, t in self.terms)
+
+  @property
   def names(self) -> tuple:
     seen, names = {}, []
     for _, term in self.terms:
@@ -477,6 +645,14 @@ irm_tv_l1 = Term("irm_tv_l1", _irm_tv_l1, choices=(
     ("form", ("two_env", "multi_env", "minibatch")),))
 irm_tv_l2 = Term("irm_tv_l2", _irm_tv_l2)
 bayesian_irm = Term("bayesian_irm", _bayesian_irm)
+coral = Term("coral", _coral, reads_features=True)
+mmd = Term("mmd", _mmd, reads_features=True)
+feature_var = Term("feature_var", _feature_var, reads_features=True)
+ib_irm = Term("ib_irm", _ib_irm, choices=(
+    ("variant", ("full", "split", "split_perm", "env_scale")),),
+              reads_features=True)
+eqrm = Term("eqrm", _eqrm, choices=(("estimator", ("kde", "empirical")),))
 
 TERMS = {t.name: t for t in (erm, l2, irmv1, irmv1_h, vrex, mm_rex, rvp, irm_tv_l1,
-                             irm_tv_l2, bayesian_irm)}
+                             irm_tv_l2, bayesian_irm, coral, mmd, feature_var,
+                             ib_irm, eqrm)}

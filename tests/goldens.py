@@ -21,6 +21,8 @@ Record (only when an intended change is made; say why in the commit):
 
   python tests/goldens.py --record                 # every experiment
   python tests/goldens.py --record --only=cifar_mnist
+  python tests/goldens.py --record --only=colored_mnist --methods=coral
+      # a new method's case, the recorded ones untouched
 
 Check without pytest (prints the largest relative difference per case):
 
@@ -374,6 +376,10 @@ def main(argv=None):
   p.add_argument("--record", action="store_true")
   p.add_argument("--check", action="store_true")
   p.add_argument("--only", default="", help="comma list of experiments")
+  p.add_argument("--methods", default="", help="with --record and one "
+                 "--only experiment: record only these (new) methods' cases "
+                 "into its file; the other cases and the file's provenance "
+                 "stay, the added cases' provenance goes under 'added'")
   a = p.parse_args(argv)
   names = [n for n in a.only.split(",") if n] or list(EXPERIMENTS)
   for n in names:
@@ -384,6 +390,25 @@ def main(argv=None):
   if a.record == a.check:
     print("give exactly one of --record or --check.", file=sys.stderr)
     return 2
+  methods = [m for m in a.methods.split(",") if m]
+  if methods:
+    bad = [m for m in methods if len(names) != 1 or
+           m not in EXPERIMENTS[names[0]]]
+    if not a.record or bad:
+      print(f"--methods={a.methods}: give it with --record and one --only "
+            f"experiment whose methods include it.", file=sys.stderr)
+      return 2
+    doc = load(names[0])
+    for m in methods:
+      doc["cases"][m] = run_case(names[0], m)
+      doc.setdefault("added", {})[m] = _provenance()
+    tmp = path_of(names[0]) + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(doc, f, indent=1, sort_keys=True)
+      f.write("\n")
+    os.replace(tmp, path_of(names[0]))
+    print(f"added {', '.join(methods)} to {path_of(names[0])}")
+    return 0
   failed = 0
   for name in names:
     cases = {m: run_case(name, m) for m in EXPERIMENTS[name]}

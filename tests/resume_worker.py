@@ -15,7 +15,7 @@ def main(output_dir):
   mnist = jirm.data.synthetic_mnist(num_train=3000, num_test=500, seed=0)
   colored_mnist.run(["irmv1"], "quick", restarts=2, seed=0,
                     output_dir=output_dir, progress=False, mnist=mnist,
-                    overrides=["steps=300", "checkpoint_every=20",
+                    overrides=["steps=200", "checkpoint_every=20",
                                "eval_every=10", "anneal=100"])
   print("done", jax.device_count(), flush=True)
 

@@ -23,6 +23,10 @@ PENALTIES = {
     "irm_tv_l1/minibatch": jirm.irm_tv_l1(form="minibatch"),
     "irm_tv_l2": jirm.irm_tv_l2,
     "bayesian_irm": jirm.bayesian_irm,
+    "coral": jirm.coral,
+    "mmd": jirm.mmd,
+    "ib_irm": jirm.ib_irm,
+    "eqrm": jirm.eqrm,
 }
 
 
@@ -71,10 +75,11 @@ def test_three_steps_and_penalty_reaches_encoder(datasets, dataset, name):
   # The penalty alone has a non-zero gradient on the first (encoder) layer:
   # second-order terms are not dropped (DomainBed's IGA bug, SPEC §8).
   def penalty_only(params):
-    logits = train_lib.forward(model.apply, params, train.x)
+    feats, logits = train_lib.forward(model.apply, params, train.x,
+                                      return_features=True)
     return penalty.value(objectives.Outputs(
         logits, train.y, train.valid, params, jax.random.key(0),
-        splits.task))
+        splits.task, features=feats if penalty.reads_features else None))
 
   value, grads = jax.jit(jax.value_and_grad(penalty_only))(params)
   assert np.isfinite(float(value))

@@ -224,3 +224,179 @@ def test_penalties_are_jittable_and_differentiable():
         _out(a=a, rng=jax.random.key(0)))))
     g = f(0.8)
     assert np.isfinite(g) and g != 0.0, term.describe()
+
+
+# Features of 2 environments x 4 samples x 3 dimensions (the last row of
+# env 0 is padding in the masked cases).
+F = np.array([[[0.5, -1.0, 2.0], [1.5, 0.0, -0.5], [-0.2, 0.3, 1.0],
+               [9.0, 9.0, 9.0]],
+              [[1.0, 1.0, 0.0], [0.0, -2.0, 1.0], [2.0, 0.5, -1.0],
+               [0.3, 0.3, 0.3]]], np.float32)
+PAD = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], np.float32)
+
+
+def _feat_out(feats=F, valid=PAD):
+  return _out(valid=valid)._replace(features=jnp.asarray(feats))
+
+
+def _np_moments(f):
+  return f.mean(0), np.cov(f, rowvar=False, ddof=1)
+
+
+def test_coral_is_the_mean_and_covariance_gap_and_zero_for_equal_envs():
+  (m0, c0), (m1, c1) = _np_moments(F[0, :3]), _np_moments(F[1])
+  want = np.mean((m0 - m1) ** 2) + np.mean((c0 - c1) ** 2)
+  np.testing.assert_allclose(jirm.coral.value(_feat_out()), want, rtol=1e-5)
+  same = np.stack([F[1], F[1]])
+  assert float(jirm.coral.value(_feat_out(same, np.ones((2, 4))))) == 0.0
+  # Three environments: the mean over the three pairs.
+  f3 = np.stack([F[1], F[1], F[1] + 1.0])
+  out3 = objectives.Outputs(jnp.zeros((3, 4, 1)), jnp.zeros((3, 4)),
+                            jnp.ones((3, 4)), features=jnp.asarray(f3))
+  np.testing.assert_allclose(jirm.coral.value(out3), 2 / 3 * 1.0, rtol=1e-6)
+
+
+def test_mmd_is_the_gaussian_kernel_form_and_zero_for_equal_envs():
+  def k(a, b):
+    d = np.maximum(((a[:, None] - b[None]) ** 2).sum(-1), 1e-30)
+    return sum(np.exp(-g * d) for g in objectives.MMD_GAMMAS).mean()
+  x, y = F[0, :3].astype(np.float64), F[1].astype(np.float64)
+  want = k(x, x) + k(y, y) - 2 * k(x, y)
+  np.testing.assert_allclose(jirm.mmd.value(_feat_out()), want, rtol=1e-4)
+  same = np.stack([F[1], F[1]])
+  np.testing.assert_allclose(
+      jirm.mmd.value(_feat_out(same, np.ones((2, 4)))), 0.0, atol=1e-6)
+  big = objectives.Outputs(jnp.zeros((2, 8193, 1)), jnp.zeros((2, 8193)),
+                           jnp.ones((2, 8193)),
+                           features=jnp.zeros((2, 8193, 1)))
+  with pytest.raises(ValueError, match=r"mmd over 8193 samples per "
+                     r"environment .* --config.batch_size=512"):
+    jirm.mmd.value(big)
+
+
+def test_feature_var_and_ib_irm_reduce_to_irmv1():
+  want = np.mean([F[0, :3].var(0, ddof=1).mean(), F[1].var(0, ddof=1).mean()])
+  out = _feat_out()
+  np.testing.assert_allclose(jirm.feature_var.value(out), want, rtol=1e-5)
+  irm = float(jirm.irmv1(variant="split").value(out))
+  assert float(jirm.ib_irm(ib_weight=0.0).value(out)) == irm
+  np.testing.assert_allclose(jirm.ib_irm(ib_weight=2.0).value(out),
+                             irm + 2 * want, rtol=1e-5)
+  with pytest.raises(ValueError, match="coral needs Outputs.features"):
+    jirm.coral.value(_out())
+
+
+def _risks_out(risks):
+  # Regression outputs whose env risks are exactly `risks` (logit 0,
+  # label sqrt(r)).
+  y = jnp.sqrt(jnp.asarray(risks, jnp.float32))[:, None]
+  return objectives.Outputs(jnp.zeros((len(risks), 1, 1)), y,
+                            jnp.ones((len(risks), 1)), task="regression")
+
+
+def test_eqrm_quantiles():
+  risks = np.array([0.2, 0.5, 0.9, 1.4], np.float32)
+  out = _risks_out(risks)
+  eq = lambda **kw: float(jirm.eqrm(**kw).value(out))
+  # Empirical: alpha = 1 is the worst environment's risk; 0.5 the median.
+  np.testing.assert_allclose(eq(estimator="empirical", alpha=1.0),
+                             1.4 - risks.mean(), rtol=1e-6)
+  np.testing.assert_allclose(eq(estimator="empirical", alpha=0.5),
+                             0.7 - risks.mean(), rtol=1e-5)
+  # KDE (Gauss-optimal bandwidth): the root of mean_e Phi((q - R_e)/h) =
+  # alpha, found here by numpy bisection in float64.
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  h = 1.06 * risks.astype(np.float64).std(ddof=1) * 4 ** -0.2
+  for alpha in (0.25, 0.75, 0.99):
+    lo, hi = -10.0, 10.0
+    for _ in range(200):
+      mid = (lo + hi) / 2
+      lo, hi = ((lo, mid) if stats.norm.cdf((mid - risks) / h).mean() > alpha
+                else (mid, hi))
+    np.testing.assert_allclose(eq(alpha=alpha) + risks.mean(), lo,
+                               rtol=1e-5, atol=1e-6)
+  assert eq(alpha=0.99) + risks.mean() > 1.4  # The KDE's tail.
+  # Symmetric risks: the KDE median is their mean (penalty 0).
+  assert abs(float(jirm.eqrm(alpha=0.5).value(_risks_out([0.3, 0.7])))) < 1e-6
+  with pytest.raises(ValueError, match=r"alpha=1.0\): a KDE has no largest"):
+    eq(alpha=1.0)
+  with pytest.raises(ValueError, match="eqrm alpha=0"):
+    eq(alpha=0)
+
+
+def test_eqrm_kde_gradient_is_the_implicit_one():
+  # d q / d R_e = phi_e / sum phi (KDE weights at the quantile), plus the
+  # bandwidth's dependence on R: checked against central differences.
+  risks = np.array([0.2, 0.5, 0.9, 1.4], np.float32)
+
+  def q_of(r):
+    r = jnp.asarray(r, jnp.float32)
+    return jirm.eqrm(alpha=0.75).value(_risks_out(r)) + jnp.mean(r)
+
+  g = np.asarray(jax.grad(q_of)(risks))
+  eps = 1e-2
+  fd = np.array([(float(q_of(risks + eps * np.eye(4)[e])) -
+                  float(q_of(risks - eps * np.eye(4)[e]))) / (2 * eps)
+                 for e in range(4)])
+  np.testing.assert_allclose(g, fd, rtol=2e-2, atol=2e-3)
+  assert abs(g.sum() - 1.0) < 1e-3  # Shifting every risk shifts q alike.
+
+
+def test_feature_terms_train_through_from_objective():
+  import optax  # pylint: disable=g-import-not-at-top
+  mnist = jirm.data.synthetic_mnist(num_train=400, num_test=100, seed=0)
+  splits = jirm.data.colored_mnist(seed=0, data_num=300, mnist=mnist)
+  obj = jirm.erm + 1.0 * jirm.coral + 0.5 * jirm.feature_var
+  res = jirm.fit(splits, model=jirm.models.mlp(8), objective=obj,
+                 optimizer=optax.adam(1e-3), steps=3, eval_every=3, seed=0)
+  assert np.isfinite(res.history["term/coral"]).all()
+  assert float(res.history["term/coral"][-1]) > 0
+
+  class NoFeatures(jirm.models.mlp(8).__class__):
+    def __call__(self, x):  # pylint: disable=arguments-differ
+      return super().__call__(x)
+
+  with pytest.raises(ValueError, match="takes no return_features=True"):
+    jirm.fit(splits, model=NoFeatures(hidden=(8, 8)), objective=obj,
+             optimizer=optax.adam(1e-3), steps=1, eval_every=1)
+
+
+def test_fishr_statistic_penalty_and_moving_average():
+  from jirm.methods import games  # pylint: disable=g-import-not-at-top
+  feats = jnp.asarray(F)
+  hp = {"params": {"head": {"kernel": jnp.asarray([[0.3], [-0.2], [0.5]]),
+                            "bias": jnp.asarray([0.1])}}}
+  head_fn = lambda p, f: f @ p["params"]["head"]["kernel"] + \
+      p["params"]["head"]["bias"][None, :]
+  y = jnp.asarray(Y)
+  # BCE on a linear head: per-sample gradients (sigmoid(z) - y) * [f, 1].
+  z = F @ np.array([0.3, -0.2, 0.5]) + 0.1
+  r = _np_sig(z) - Y
+  g = np.concatenate([r[..., None] * F, r[..., None]], -1)  # [E, B, K=4]
+  want = np.stack([g[0, :3].var(0), g[1].var(0)])  # Padding row excluded.
+  # ravel_pytree orders the leaves bias, kernel: compare as sets of columns.
+  v = np.asarray(games.head_grad_variances(head_fn, hp, feats, y,
+                                           jnp.asarray(PAD)))
+  np.testing.assert_allclose(np.sort(v, 1), np.sort(want, 1), rtol=1e-5)
+  # Penalty: mean_e mean_k (m_e - mean_e m)^2; the first step's average is
+  # this step's statistic (DomainBed: zeros before, divided by 1 - ema).
+  game = games.fishr(ema=0.9)
+  state = game.init(None, hp, 3, 2)
+  out = objectives.Outputs(jnp.zeros((2, 4, 1)), y, jnp.asarray(PAD),
+                           features=feats, head=head_fn, head_params=hp,
+                           state=state)
+  m = want
+  np.testing.assert_allclose(game.term.value(out),
+                             np.mean((m - m.mean(0)) ** 2), rtol=1e-5)
+  new, _ = game.inner(state, hp, out, False)
+  np.testing.assert_allclose(np.sort(new.ema, 1), np.sort(0.1 * want, 1),
+                             rtol=1e-5)
+  # Second step: m = (0.9 * 0.1 v + 0.1 v) / 0.1 = 1.9 v.
+  out2 = out._replace(state=game.inner(new, hp, out, False)[0])
+  np.testing.assert_allclose(game.term.value(out2),
+                             np.mean((1.9 * (m - m.mean(0))) ** 2), rtol=1e-5)
+  # Identical environments: 0.
+  same = out._replace(features=jnp.stack([feats[1], feats[1]]),
+                      labels=jnp.stack([y[1], y[1]]),
+                      valid=jnp.ones((2, 4)))
+  assert float(game.term.value(same)) == 0.0

@@ -96,11 +96,25 @@ class TrainState(NamedTuple):
   rng: jax.Array
 
 
-def forward(apply_fn, params, x_EBX):
-  """One forward pass over all environments: ``[E, B, ...] -> [E, B, C]``."""
+def forward(apply_fn, params, x_EBX, return_features: bool = False):
+  """One forward pass over all environments: ``[E, B, ...] -> [E, B, C]``.
+
+  With ``return_features`` the model's ``apply(..., return_features=True)``
+  gives ``(features, logits)`` and so does this, ``([E, B, D], [E, B, C])``
+  (the penultimate features that :mod:`jirm.objectives`' feature terms
+  read)."""
   e, b = x_EBX.shape[:2]
-  logits = apply_fn(params, x_EBX.reshape((e * b,) + x_EBX.shape[2:]))
-  return logits.reshape(e, b, -1)
+  x_NX = x_EBX.reshape((e * b,) + x_EBX.shape[2:])
+  if not return_features:
+    return apply_fn(params, x_NX).reshape(e, b, -1)
+  try:
+    feats, logits = apply_fn(params, x_NX, return_features=True)
+  except TypeError as err:
+    raise ValueError(
+        "the objective reads features (coral, mmd, feature_var) but the "
+        "model's apply takes no return_features=True; use jirm.models.mlp or "
+        "a model whose __call__ returns (features, logits) with it.") from err
+  return feats.reshape(e, b, -1), logits.reshape(e, b, -1)
 
 
 def sample_batch(data: EnvArrays, rng, batch_size: int) -> EnvArrays:

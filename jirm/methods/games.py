@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
@@ -297,3 +298,108 @@ def group_dro(*, eta: float = 0.01) -> Game:
 
   return Game("group_dro", init, inner, None)
 
+
+
+class FishrState(NamedTuple):
+  """Fishr's moving averages of the per-environment gradient variances.
+
+  Attributes:
+    ema: ``[E, K]`` after this step's update (detached).
+    prev: ``[E, K]`` before it: the penalty's live average starts from it.
+    count: updates so far.
+  """
+
+  ema: jax.Array
+  prev: jax.Array
+  count: jax.Array
+
+
+def head_grad_variances(head_fn, head_params, feats_EBD, labels_EB, valid_EB,
+                        task: str = "binary"):
+  """Per-environment variance ``[E, K]`` of the per-sample gradients of the
+  loss with respect to the head's ``K`` parameters (flattened): Fishr's
+  statistic (DomainBed: BackPACK's ``BatchGrad`` on the classifier; the
+  mean over samples of the squared centred gradients; padding rows
+  excluded).
+
+  Args:
+    head_fn: ``head(head_params, feats_ND) -> logits_NC``.
+    head_params: the head's parameters.
+    feats_EBD, labels_EB, valid_EB: features, labels and mask per env.
+    task: loss type (:func:`jirm.objectives.sample_losses`).
+
+  Returns:
+    ``[E, K]`` variances.
+
+  Example:
+    >>> v = head_grad_variances(model.head_fn, params["head"], f, y, valid)
+  """
+  flat, unravel = jax.flatten_util.ravel_pytree(head_params)
+
+  def loss_i(theta_K, f_D, y):
+    logits = head_fn(unravel(theta_K), f_D[None])[None]  # [1, 1, C]
+    return objectives.sample_losses(logits, y[None, None], task)[0, 0]
+
+  per_sample = jax.vmap(jax.vmap(jax.grad(loss_i), in_axes=(None, 0, 0)),
+                        in_axes=(None, 0, 0))
+  g_EBK = per_sample(flat, feats_EBD, labels_EB)
+  w_EB1 = valid_EB[..., None]
+  n_E11 = jnp.maximum(valid_EB.sum(1), 1.0)[:, None, None]
+  mean_E1K = (g_EBK * w_EB1).sum(1, keepdims=True) / n_E11
+  return (((g_EBK - mean_E1K) ** 2) * w_EB1).sum(1) / n_E11[:, 0]
+
+
+def fishr(*, ema: float = 0.95) -> Game:
+  """Fishr (Rame et al., ICML 2022; DomainBed ``Fishr``): match the
+  per-environment variances of the head's per-sample gradients.
+
+  Each step, ``v_e`` = :func:`head_grad_variances` of env ``e`` on the
+  batch; its moving average ``m_e <- ema m_e + (1 - ema) v_e`` is divided by
+  ``1 - ema`` (DomainBed's ``oneminusema_correction``, so that the gradient
+  through ``v_e`` does not depend on ``ema``); the penalty (``term``) is
+  ``mean_e mean_k (m_e - mean_e' m_e')^2``. The average's previous value is
+  detached, this step's ``v_e`` is not: the gradient reaches the head and,
+  through the features, the encoder. ``inner`` only advances the detached
+  average. Use with ``erm(reduction='pooled')`` (DomainBed's NLL over the
+  whole batch).
+
+  Args:
+    ema: the moving average's decay (DomainBed 0.95).
+
+  Returns:
+    A :class:`Game` for :func:`jirm.methods.deep.deep_method`.
+
+  Example:
+    >>> game = fishr(ema=0.95)
+    >>> sched = jirm.schedules.preset('domainbed', weight=1000.0, anneal=1500)
+    >>> obj = jirm.erm(reduction='pooled') + sched * game.term
+    >>> method = jirm.methods.deep_method(model, obj, optax.adam(1e-3),
+    ...                                   batch_size=64, game=game)
+  """
+  if not 0.0 <= ema < 1.0:
+    raise ValueError(f"fishr ema={ema!r}: use 0 <= ema < 1.")
+
+  def init(rng, head_params, feat_dim, num_envs):
+    del rng, feat_dim
+    k = jax.flatten_util.ravel_pytree(head_params)[0].shape[0]
+    zeros = jnp.zeros((num_envs, k), jnp.float32)
+    return FishrState(zeros, zeros, jnp.zeros((), jnp.int32))
+
+  def inner(state, head_params, out, reset):
+    del reset
+    v = head_grad_variances(out.head, head_params, out.features, out.labels,
+                            out.valid, out.task)
+    return FishrState(ema * state.ema + (1.0 - ema) * v, state.ema,
+                      state.count + 1), head_params
+
+  def impl(out: objectives.Outputs):
+    if out.state is None or out.head is None:
+      raise ValueError("fishr's term reads Outputs.state and .head: train it "
+                       "with jirm.methods.deep_method(..., game=fishr()).")
+    v = head_grad_variances(out.head, out.head_params, out.features,
+                            out.labels, out.valid, out.task)
+    m = (ema * jax.lax.stop_gradient(out.state.prev) + (1.0 - ema) * v) / (
+        1.0 - ema)
+    return jnp.mean((m - m.mean(0, keepdims=True)) ** 2)
+
+  return Game("fishr", init, inner, objectives.Term("fishr", impl))

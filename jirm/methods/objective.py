@@ -39,9 +39,16 @@ def make_loss_fn(apply_fn, objective: objectives.Objective,
   over all environments, the objective, and the batch accuracy in
   ``aux['train_acc']``."""
 
+  reads_features = objective.reads_features
+
   def loss_fn(params, batch: base.EnvArrays, rng, step):
-    logits = base.forward(apply_fn, params, batch.x)
-    out = objectives.Outputs(logits, batch.y, batch.valid, params, rng, task)
+    if reads_features:
+      feats, logits = base.forward(apply_fn, params, batch.x,
+                                   return_features=True)
+    else:
+      feats, logits = None, base.forward(apply_fn, params, batch.x)
+    out = objectives.Outputs(logits, batch.y, batch.valid, params, rng, task,
+                             features=feats)
     total, aux = objective(out, step)
     aux["train_acc"] = objectives.accuracy(logits, batch.y, batch.valid,
                                            task).mean()

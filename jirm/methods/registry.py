@@ -31,7 +31,7 @@ from typing import Optional
 
 MODELS = ("mlp", "resnet", "linear")
 FAMILIES = ("erm", "penalty", "game", "invrat", "group_dro", "ipg", "sparse",
-            "irm_tv")
+            "irm_tv", "fishr")
 EXPERIMENTS = ("colored_mnist", "cifar_mnist", "irm_tv", "sparse_irm",
                "shift")
 
@@ -159,6 +159,26 @@ _SPECS = (
          "Lin et al., CVPR 2022 (BIRM as released)", models=("mlp",),
          tables=(_CM,),
          term="bayesian_irm"),
+    Spec("coral", "CORAL", "penalty",
+         "Sun & Saenko 2016 (DomainBed's mean + covariance form): feature "
+         "moments matched between environment pairs", models=("mlp",),
+         extra=(_CM,), term="coral"),
+    Spec("mmd", "MMD", "penalty",
+         "Li et al. 2018 (DomainBed's Gaussian-kernel form): feature MMD "
+         "between environment pairs", models=("mlp",), extra=(_CM,),
+         term="mmd"),
+    Spec("ib_irm", "IB-IRM", "penalty",
+         "Ahuja et al. 2021 (DomainBed IB_IRM): IRMv1 (split) + feature "
+         "variance bottleneck", models=("mlp",), extra=(_CM,),
+         term="ib_irm"),
+    Spec("eqrm", "EQRM", "penalty",
+         "Eastwood et al. 2022 (DomainBed EQRM): the alpha-quantile of the "
+         "env risks (KDE), as erm + 1 * (Q_alpha - mean) after a burn-in",
+         models=("mlp",), extra=(_CM,), term="eqrm"),
+    Spec("fishr", "Fishr", "fishr",
+         "Rame et al., ICML 2022 (DomainBed Fishr): match the env variances "
+         "of the head's per-sample gradients (moving average)",
+         models=("mlp",), extra=(_CM,), factory=_GAMES + "fishr"),
     Spec("irm_game_f", "F-IRM game", "game",
          "Ahuja et al. 2020: one classifier per env, fixed representation, "
          "round-robin best responses", models=("mlp",), extra=(_CM,),
