@@ -287,6 +287,12 @@ def test_weight_zero_equals_erm(exp, name):
 # InvRat-EC(o)): they run with Adam eps 1e-3, as the goldens do.
 SWEPT = [c for c in CASES if MODEL[c[0]] != "resnet" or SLOW]
 RESNET_SWEPT = [c for c in CASES if MODEL[c[0]] == "resnet"]
+# MLP cases with the same Adam eps 1e-3: MMD's exp(-1000 d) kernel and
+# EQRM's bisected quantile round differently in the vmapped program, and at
+# eps 1e-8 Adam maps those near-zero gradient differences to +-lr moves
+# (measured after 3 steps: 3.7e-6 and 1.2e-6 absolute, 5e-5 and 1.5e-3
+# relative, on one parameter each).
+SWEPT_EPS = (("colored_mnist", "mmd"), ("colored_mnist", "eqrm"))
 
 
 @pytest.mark.parametrize("exp,name", SWEPT)
@@ -295,8 +301,9 @@ def test_fit_sweep_of_two_seeds_equals_two_fits_with_one_compile(
   import logging  # pylint: disable=g-import-not-at-top
   from jirm import sweep  # pylint: disable=g-import-not-at-top
   resnet = MODEL[exp] == "resnet"
-  built = _built(exp, name, WEIGHT, adam_eps=goldens.ADAM_EPS_RESNET if
-                 resnet else None)
+  eps = (goldens.ADAM_EPS_RESNET if resnet or (exp, name) in SWEPT_EPS
+         else None)
+  built = _built(exp, name, WEIGHT, adam_eps=eps)
   with jax.log_compiles(True), caplog.at_level(logging.WARNING):
     swept = sweep.fit_sweep(built.splits, lambda hp: built.method,
                             seeds=[0, 1], steps=STEPS, eval_every=STEPS,
@@ -306,8 +313,8 @@ def test_fit_sweep_of_two_seeds_equals_two_fits_with_one_compile(
               and "sweep_run" in r.getMessage()]
   assert len(compiled) == 1, compiled
   for seed, res in enumerate(swept):
-    ref = _fit(built, seed=seed) if resnet or seed else _run(exp, name,
-                                                               WEIGHT)
+    ref = _fit(built, seed=seed) if eps or seed else _run(exp, name,
+                                                            WEIGHT)
     assert res.diverged is None
     for a, b in zip(_leaves(res.state), _leaves(ref.state)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6,
