@@ -30,12 +30,17 @@ def test_non_finite_numbers_are_written_as_null(tmp_path):
   assert [r["seed"] for r in rows] == [3, 4]
 
 
+# jirm/results.py loaded on its own (stdlib + numpy; the package's import
+# would load JAX for nothing here).
 _SAVER = """
-import sys
+import importlib.util, os, sys
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from jirm import results
+spec = importlib.util.spec_from_file_location(
+    "results", os.path.join(sys.argv[2], "jirm", "results.py"))
+results = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(results)
 for i in range(15):
   fig, ax = plt.subplots()
   ax.plot([0, i])
@@ -51,7 +56,8 @@ def test_two_processes_save_the_same_figure_at_once(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   path = str(tmp_path / "curves.png")
-  procs = [subprocess.Popen([sys.executable, "-c", _SAVER, path],
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = [subprocess.Popen([sys.executable, "-c", _SAVER, path, root],
                             stderr=subprocess.PIPE, text=True)
            for _ in range(2)]
   errs = [p.communicate(timeout=120)[1] for p in procs]
